@@ -1,0 +1,259 @@
+"""Build, export and reload STORMS models: backbone from the registry, latent tokens, freezing and LR groups."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from storms_dist.model.latent import LATENT_TOKENS, AlignLoss, LatentTokenIds
+from storms_dist.model.registry import BackboneSpec, ModuleGroup, backbone_names, get_backbone
+from storms_dist.model.storms import STORMSModel
+
+LATENT_SETTINGS_FILE = "storms_latent.json"
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    backbone: str = "qwen2_5_vl-tiny"
+    """Registry name (``storms_dist.model.registry``): tiny random-init entries or real checkpoints."""
+    init_from: str | None = None
+    """An exported STORMS/HF folder to start from (overrides the registry checkpoint), e.g. the Stage 0 export."""
+    num_latents: int = 8
+    """K, latent steps per answer; 0 = answer-only SFT baseline."""
+    max_latents: int = 16
+    """Upper bound on K at inference (K may differ from training)."""
+    align_loss: AlignLoss = "mse"
+    align_weight: float = 0.1
+    """lambda in  loss = CE(answer) + lambda * align."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """auto = flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward. The vision tower always; decoder layers only in single-pass modes,
+    because HF layer checkpointing drops the KV cache the latent rollout carries across passes."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto = bfloat16 on GPU, float32 on CPU."""
+
+    def __post_init__(self):
+        if self.backbone not in backbone_names():
+            raise ValueError(f"backbone: unknown {self.backbone!r}; valid choices: {', '.join(backbone_names())}")
+        if not 0 <= self.num_latents <= self.max_latents:
+            raise ValueError(f"num_latents: expected 0 <= num_latents <= max_latents ({self.max_latents}), "
+                             f"got {self.num_latents}")
+        if self.align_weight < 0:
+            raise ValueError(f"align_weight: expected >= 0, got {self.align_weight}")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def resolve_attn_implementation(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def latent_token_ids(tokenizer) -> LatentTokenIds:
+    ids = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"tokenizer lacks the latent tokens {LATENT_TOKENS}; load it with build_tokenizer()")
+    return LatentTokenIds(*ids)
+
+
+def build_tokenizer(path: str | Path | None = None):
+    """The Qwen tokenizer with the three latent tokens added (from an export folder when ``path`` is given)."""
+    if path is not None and (Path(path) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        latent_token_ids(tokenizer)  # validates
+        return tokenizer
+    from storms_dist.data.prompt import load_tokenizer
+
+    return load_tokenizer(extra_special_tokens=LATENT_TOKENS)
+
+
+def _hf_classes(family: str):
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        return Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    raise ValueError(f"unknown backbone family {family!r}")
+
+
+def tiny_hf_config(spec: BackboneSpec, tokenizer) -> Any:
+    """HF config of a random-init registry backbone, with the vocabulary and special ids of ``tokenizer``."""
+    config_cls, _ = _hf_classes(spec.family)
+    ids = tokenizer.convert_tokens_to_ids
+    kwargs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.tiny_config.items()}
+    kwargs["text_config"] = dict(
+        kwargs["text_config"], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=ids("<|im_end|>"), bos_token_id=None,
+    )
+    return config_cls(
+        **kwargs,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
+def init_latent_token_rows(backbone: nn.Module, token_ids: LatentTokenIds, num_original_rows: int) -> None:
+    """Set the latent tokens' embedding (and untied output) rows to the mean of the original vocabulary's rows.
+
+    Under ZeRO-3 the rows are partitioned: gather them, modify on rank 0, and let DeepSpeed re-partition.
+    """
+    tensors = [backbone.get_input_embeddings().weight]
+    out = backbone.get_output_embeddings()
+    if out is not None and out.weight is not tensors[0]:
+        tensors.append(out.weight)
+    rows = torch.tensor([token_ids.start, token_ids.pad, token_ids.end])
+    partitioned = any(hasattr(t, "ds_id") for t in tensors)
+    if partitioned:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(tensors, modifier_rank=0)
+    else:
+        from contextlib import nullcontext
+
+        context = nullcontext()
+    with context, torch.no_grad():
+        for weight in tensors:
+            weight[rows] = weight[:num_original_rows].mean(dim=0, keepdim=True).to(weight.dtype)
+
+
+def build_backbone(cfg: ModelConfig, tokenizer, *, seed: int = 0) -> tuple[nn.Module, BackboneSpec]:
+    """The HF backbone: loaded from ``init_from`` / the registry checkpoint, or random-init from the tiny config."""
+    spec = get_backbone(cfg.backbone)
+    _, model_cls = _hf_classes(spec.family)
+    dtype = resolve_dtype(cfg.dtype)
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    source = cfg.init_from or spec.checkpoint
+    if source is not None:
+        backbone = model_cls.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+        num_original = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[0])  # latent tokens were appended last
+        if backbone.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            backbone.resize_token_embeddings(len(tokenizer))
+        if not (Path(source) / LATENT_SETTINGS_FILE).is_file():  # a STORMS export already has trained rows
+            init_latent_token_rows(backbone, latent_token_ids(tokenizer), num_original)
+    else:
+        config = tiny_hf_config(spec, tokenizer)
+        config._attn_implementation = attn
+        torch.manual_seed(seed)
+        backbone = model_cls(config).to(dtype)
+        init_latent_token_rows(backbone, latent_token_ids(tokenizer),
+                               tokenizer.convert_tokens_to_ids(LATENT_TOKENS[0]))
+    if cfg.activation_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return backbone, spec
+
+
+def build_model(cfg: ModelConfig, tokenizer, *, seed: int = 0) -> STORMSModel:
+    backbone, spec = build_backbone(cfg, tokenizer, seed=seed)
+    return STORMSModel(backbone, spec, latent_token_ids(tokenizer), align_loss=cfg.align_loss,
+                       align_weight=cfg.align_weight)
+
+
+# ---- freezing and LR groups, driven by the registry's module keys ----
+@dataclass(kw_only=True)
+class TrainableConfig:
+    vision: bool = False
+    """Train the vision tower (frozen in the paper; Stage 0 trains it from scratch)."""
+    merger: bool = True
+    lm: bool = True
+    vision_lr_scale: float = 0.1
+    merger_lr_scale: float = 1.0
+
+    def __post_init__(self):
+        if not (self.vision or self.merger or self.lm):
+            raise ValueError("trainable: at least one of vision / merger / lm must be true")
+        for name in ("vision_lr_scale", "merger_lr_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"trainable.{name}: expected > 0, got {getattr(self, name)}")
+
+
+def apply_freezing(model: STORMSModel, trainable: TrainableConfig) -> dict[ModuleGroup, int]:
+    """Set requires_grad per module group; returns the number of trainable parameters per group."""
+    counts: dict[ModuleGroup, int] = {"vision": 0, "merger": 0, "lm": 0}
+    for name, param in model.backbone.named_parameters():
+        group = model.spec.group_of(name)
+        param.requires_grad_(bool(getattr(trainable, group)))
+        if param.requires_grad:
+            counts[group] += param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+    return counts
+
+
+def param_groups(model: STORMSModel, *, lr: float, weight_decay: float, trainable: TrainableConfig) -> list[dict]:
+    """AdamW groups: (vision | merger | lm) x (decay | no decay); biases, norms and embeddings get no decay."""
+    scales = {"vision": trainable.vision_lr_scale, "merger": trainable.merger_lr_scale, "lm": 1.0}
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.backbone.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim < 2 or "norm" in name or "embed" in name or name.endswith(".bias")
+        buckets.setdefault((model.spec.group_of(name), no_decay), []).append(param)
+    return [
+        {"params": params, "lr": lr * scales[group], "weight_decay": 0.0 if no_decay else weight_decay,
+         "name": f"{group}{'_no_decay' if no_decay else ''}"}
+        for (group, no_decay), params in sorted(buckets.items())
+    ]
+
+
+# ---- export / reload ----
+def export_model(model: STORMSModel, tokenizer, out_dir: str | Path, *, num_latents: int, max_latents: int,
+                 state_dict: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> Path:
+    """``save_pretrained`` folder (transformers loads it back) plus our latent-token settings."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    ids = model.token_ids
+    settings = {
+        "backbone": model.spec.name,
+        "family": model.spec.family,
+        "latent_tokens": dict(zip(("start", "pad", "end"), LATENT_TOKENS)),
+        "latent_token_ids": {"start": ids.start, "pad": ids.pad, "end": ids.end},
+        "num_latents": num_latents,
+        "max_latents": max_latents,
+        "align_loss": model.align_loss,
+        "align_weight": model.align_weight,
+        **(extra or {}),
+    }
+    (out_dir / LATENT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    return out_dir
+
+
+def read_latent_settings(export_dir: str | Path) -> dict:
+    path = Path(export_dir) / LATENT_SETTINGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a STORMS export (missing {LATENT_SETTINGS_FILE})")
+    return json.loads(path.read_text())
+
+
+def load_exported(export_dir: str | Path, *, attn_implementation: str = "auto", dtype: str = "auto"):
+    """(STORMSModel, tokenizer, settings) from an export folder."""
+    settings = read_latent_settings(export_dir)
+    tokenizer = build_tokenizer(export_dir)
+    cfg = ModelConfig(backbone=settings["backbone"], init_from=str(export_dir), num_latents=settings["num_latents"],
+                      max_latents=settings["max_latents"], align_loss=settings["align_loss"],
+                      align_weight=settings["align_weight"], attn_implementation=attn_implementation, dtype=dtype)
+    return build_model(cfg, tokenizer), tokenizer, settings

@@ -1,0 +1,138 @@
+"""Backbone registry: one entry per backbone, naming its checkpoint (or tiny random-init config) and module keys.
+
+The module keys (vision / merger / language model) drive freezing and learning-rate groups, LLaMA-Factory style:
+a parameter belongs to the first group whose key prefixes its name. Tiny entries build a random-init model from a
+config (no hub access at run time); real entries name the checkpoints clusters load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Family = Literal["qwen2_5_vl", "qwen3_vl"]
+ModuleGroup = Literal["vision", "merger", "lm"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneSpec:
+    name: str
+    family: Family
+    checkpoint: str | None = None
+    """Hugging Face id or local path of a pretrained checkpoint; None = random init from ``tiny_config``."""
+    tiny_config: dict[str, Any] | None = None
+    """Kwargs for the family's config class (text_config / vision_config dicts), random-init backbones only."""
+    vision_keys: tuple[str, ...]
+    merger_keys: tuple[str, ...]
+    lm_keys: tuple[str, ...] = ("model.language_model.", "lm_head.")
+    num_params_b: float | None = None
+    """Nominal size in billions, for scaling-study tables."""
+
+    def group_of(self, param_name: str) -> ModuleGroup:
+        # merger keys are checked first: they sit under the vision tower's prefix
+        for group, keys in (("merger", self.merger_keys), ("vision", self.vision_keys), ("lm", self.lm_keys)):
+            if any(param_name.startswith(k) for k in keys):
+                return group  # type: ignore[return-value]
+        raise KeyError(f"parameter {param_name!r} matches no module key of backbone {self.name!r}")
+
+
+_QWEN25_VISION = ("model.visual.",)
+_QWEN25_MERGER = ("model.visual.merger.",)
+_QWEN3_VISION = ("model.visual.",)
+_QWEN3_MERGER = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
+
+
+def _tiny_text(hidden: int, num_layers: int, mrope_section: list[int], **extra: Any) -> dict[str, Any]:
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section, **extra},
+        **({"head_dim": hidden // 4} if "mrope_interleaved" in extra else {}),
+    )
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    if name not in _REGISTRY:
+        raise ValueError(f"model.backbone: unknown backbone {name!r}; valid choices: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def backbone_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+# Tiny random-init backbones: tests and the CPU demo. head_dim 32 -> mrope sections sum to 16.
+register(BackboneSpec(
+    name="qwen2_5_vl-tiny",
+    family="qwen2_5_vl",
+    tiny_config=dict(
+        text_config=_tiny_text(128, 4, [4, 6, 6]),
+        vision_config=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                           patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
+                           fullatt_block_indexes=[1, 3], tokens_per_second=2),
+        tie_word_embeddings=True,
+    ),
+    vision_keys=_QWEN25_VISION, merger_keys=_QWEN25_MERGER,
+))
+register(BackboneSpec(
+    name="qwen3_vl-tiny",
+    family="qwen3_vl",
+    tiny_config=dict(
+        text_config=_tiny_text(128, 4, [8, 4, 4], mrope_interleaved=True),
+        vision_config=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                           patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[1]),
+        tie_word_embeddings=True,
+    ),
+    vision_keys=_QWEN3_VISION, merger_keys=_QWEN3_MERGER,
+))
+# Smallest sizes: the 2-rank unit tests (fast collectives).
+register(BackboneSpec(
+    name="qwen2_5_vl-micro",
+    family="qwen2_5_vl",
+    tiny_config=dict(
+        text_config=_tiny_text(64, 2, [2, 3, 3]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
+                           fullatt_block_indexes=[1], tokens_per_second=2),
+        tie_word_embeddings=True,
+    ),
+    vision_keys=_QWEN25_VISION, merger_keys=_QWEN25_MERGER,
+))
+register(BackboneSpec(
+    name="qwen3_vl-micro",
+    family="qwen3_vl",
+    tiny_config=dict(
+        text_config=_tiny_text(64, 2, [4, 2, 2], mrope_interleaved=True),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        tie_word_embeddings=True,
+    ),
+    vision_keys=_QWEN3_VISION, merger_keys=_QWEN3_MERGER,
+))
+
+# Real checkpoints (clusters). Sizes are the published ones.
+for _size, _b in (("3B", 3.75), ("7B", 8.29), ("32B", 33.5), ("72B", 73.4)):
+    register(BackboneSpec(name=f"qwen2_5_vl-{_size.lower()}", family="qwen2_5_vl",
+                          checkpoint=f"Qwen/Qwen2.5-VL-{_size}-Instruct", vision_keys=_QWEN25_VISION,
+                          merger_keys=_QWEN25_MERGER, num_params_b=_b))
+for _size, _b in (("2B", 2.1), ("4B", 4.4), ("8B", 8.8), ("32B", 33.4)):
+    register(BackboneSpec(name=f"qwen3_vl-{_size.lower()}", family="qwen3_vl",
+                          checkpoint=f"Qwen/Qwen3-VL-{_size}-Instruct", vision_keys=_QWEN3_VISION,
+                          merger_keys=_QWEN3_MERGER, num_params_b=_b))

@@ -1,0 +1,255 @@
+"""STORMS: a video LVLM that reasons in K continuous latent steps before answering.
+
+Forward modes (one ``nn.Module.forward`` so a DeepSpeed engine can wrap it; ZeRO-3 gathers each submodule as it runs):
+
+- ``single``: one pass over ``[prefix | slots | suffix]``. With ``targets`` the thought-video targets sit in the slots
+  (teacher-forced Stage I, Mirage style); with K = 0 it is plain answer-only SFT.
+- ``rollout``: prefill up to ``<|latent_start|>``, then K one-column passes reusing the KV cache, each feeding the
+  last hidden state back as the next input embedding, then one pass over the suffix. With ``targets`` the K latent
+  states are aligned to them (Stage I, rollout variant); without, it is Stage II.
+
+The latent state aligned with slot k is the hidden state of the position before it -- exactly the embedding the
+rollout feeds into slot k -- so both modes align the same quantity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from storms_dist.model.latent import (
+    IGNORE_INDEX,
+    AlignLoss,
+    LatentTokenIds,
+    SlotLayout,
+    alignment_loss,
+    continuation_positions,
+)
+from storms_dist.model.registry import BackboneSpec
+
+ForwardMode = Literal["single", "rollout"]
+
+
+@dataclass
+class VisualFeatures:
+    embeds_ND: torch.Tensor
+    """Merged visual tokens of every video in the batch, concatenated in batch order."""
+    deepstack_ND: list[torch.Tensor] | None = None
+    """Qwen3-VL: per-layer visual features added to early decoder layers (DeepStack); None for Qwen2.5-VL."""
+
+
+@dataclass
+class STORMSOutput:
+    loss: torch.Tensor
+    ce: torch.Tensor
+    align: torch.Tensor | None
+    num_answer_tokens: int
+    latents_BKD: torch.Tensor | None = None
+
+
+class STORMSModel(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        spec: BackboneSpec,
+        token_ids: LatentTokenIds,
+        *,
+        align_loss: AlignLoss = "mse",
+        align_weight: float = 0.1,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.token_ids = token_ids
+        self.align_loss = align_loss
+        self.align_weight = align_weight
+        self.video_token_id = backbone.config.video_token_id
+
+    # ---- backbone pieces (each call runs a submodule, so ZeRO-3 gathers it) ----
+    @property
+    def text_config(self):
+        return self.backbone.config.text_config
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_input_embeddings()(input_ids)
+
+    def encode_video(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> VisualFeatures:
+        """Vision encoder + merger: merged visual tokens in LLM space (also what thought-video targets pool)."""
+        out = self.backbone.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+        embeds = torch.cat(list(out.pooler_output), dim=0)
+        deepstack = getattr(out, "deepstack_features", None)
+        if deepstack is not None:
+            deepstack = [torch.cat(list(f), dim=0) if isinstance(f, (list, tuple)) else f for f in deepstack]
+        return VisualFeatures(embeds, deepstack)
+
+    def rope_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """3D mRoPE positions [3, B, L] for the batch's full sequence (computed once, sliced per pass)."""
+        kwargs = {}
+        if self.spec.family == "qwen2_5_vl" and batch.get("second_per_grid_ts") is not None:
+            kwargs["second_per_grid_ts"] = batch["second_per_grid_ts"]
+        pos_3BL, _ = self.backbone.model.get_rope_index(
+            batch["input_ids"],
+            batch["mm_token_type_ids"],
+            video_grid_thw=batch.get("video_grid_thw"),
+            attention_mask=batch["attention_mask"],
+            **kwargs,
+        )
+        return pos_3BL
+
+    def input_embeddings(self, input_ids: torch.Tensor, visual: VisualFeatures | None) -> torch.Tensor:
+        embeds_BLD = self.embed(input_ids)
+        if visual is not None:
+            video_mask_BL1 = (input_ids == self.video_token_id).unsqueeze(-1)
+            embeds_BLD = embeds_BLD.masked_scatter(video_mask_BL1, visual.embeds_ND.to(embeds_BLD.dtype))
+        return embeds_BLD
+
+    def decoder(
+        self,
+        embeds_BTD: torch.Tensor,
+        pos_3BT: torch.Tensor,
+        attention_mask_BS: torch.Tensor,
+        cache: DynamicCache | None,
+        *,
+        visual: VisualFeatures | None = None,
+        video_mask_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Language model over T new columns (S = cached + T for the mask); returns last-layer hidden states."""
+        kwargs = {}
+        if visual is not None and visual.deepstack_ND is not None and video_mask_BT is not None:
+            kwargs = dict(visual_pos_masks=video_mask_BT, deepstack_visual_embeds=visual.deepstack_ND)
+        out = self.backbone.model.language_model(
+            inputs_embeds=embeds_BTD,
+            position_ids=pos_3BT,
+            attention_mask=attention_mask_BS,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            **kwargs,
+        )
+        return out.last_hidden_state
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.text_config)
+
+    # ---- training forward ----
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        layout: SlotLayout,
+        *,
+        mode: ForwardMode,
+        targets_BKD: torch.Tensor | None = None,
+    ) -> STORMSOutput:
+        num_latents = layout.num_latents
+        if targets_BKD is not None and num_latents == 0:
+            raise ValueError("alignment targets given but the batch has no latent slots (K=0)")
+        if targets_BKD is not None and targets_BKD.shape[1] != num_latents:
+            raise ValueError(f"targets have {targets_BKD.shape[1]} slots, batch has K={num_latents}")
+        if mode == "rollout" and num_latents == 0:
+            mode = "single"  # nothing to roll out: K=0 is one pass
+
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        visual = None
+        if batch.get("pixel_values_videos") is not None:
+            visual = self.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
+        pos_3BL = self.rope_positions(batch)
+        embeds_BLD = self.input_embeddings(input_ids, visual)
+        video_mask_BL = input_ids == self.video_token_id
+        P, S0 = layout.prefix_len, layout.suffix_start
+
+        if mode == "single":
+            if targets_BKD is not None:
+                embeds_BLD = embeds_BLD.clone()
+                embeds_BLD[:, layout.slots] = targets_BKD.to(embeds_BLD.dtype)
+            hidden_BLD = self.decoder(embeds_BLD, pos_3BL, attention_mask, None, visual=visual,
+                                      video_mask_BT=video_mask_BL)
+            latents_BKD = hidden_BLD[:, P - 1 : S0 - 1] if num_latents else None
+            # logits are needed only from the column before the first label onwards
+            first = P - 1 if num_latents == 0 else S0
+            answer_hidden_BTD = hidden_BLD[:, first:-1]
+        elif mode == "rollout":
+            cache = self.new_cache()
+            hidden_BPD = self.decoder(embeds_BLD[:, :P], pos_3BL[:, :, :P], attention_mask[:, :P], cache,
+                                      visual=visual, video_mask_BT=video_mask_BL[:, :P])
+            latent = hidden_BPD[:, -1:]  # left padding: every row's <|latent_start|> is column P-1
+            latents = []
+            for k in range(num_latents):
+                latents.append(latent)
+                col = P + k
+                latent = self.decoder(latent, pos_3BL[:, :, col : col + 1], attention_mask[:, : col + 1], cache)
+            latents_BKD = torch.cat(latents, dim=1)
+            hidden_BSD = self.decoder(embeds_BLD[:, S0:], pos_3BL[:, :, S0:], attention_mask, cache)
+            answer_hidden_BTD = hidden_BSD[:, :-1]
+            first = S0
+        else:
+            raise ValueError(f"unknown forward mode {mode!r}")
+
+        labels_BT = batch["labels"][:, first + 1 :]
+        ce, num_answer_tokens = self._answer_ce(answer_hidden_BTD, labels_BT)
+        align = None
+        loss = ce
+        if targets_BKD is not None:
+            align = alignment_loss(latents_BKD, targets_BKD, self.align_loss)
+            loss = ce + self.align_weight * align
+        return STORMSOutput(loss, ce.detach(), None if align is None else align.detach(), num_answer_tokens,
+                            None if latents_BKD is None else latents_BKD)
+
+    def _answer_ce(self, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
+        # project only the supervised columns onto the vocabulary: the LM head is the widest matmul here
+        supervised_BT = labels_BT != IGNORE_INDEX
+        logits_NV = self.backbone.lm_head(hidden_BTD[supervised_BT])
+        ce = nn.functional.cross_entropy(logits_NV.float(), labels_BT[supervised_BT])
+        return ce, int(supervised_BT.sum())
+
+    # ---- inference ----
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        num_latents: int,
+        eos_token_id: int,
+        max_new_tokens: int = 4,
+    ) -> torch.Tensor:
+        """Prefill, K latent steps, forced ``<|latent_end|>``, greedy decoding. Returns new token ids [B, T].
+
+        ``batch`` holds the left-padded prefix only (prompt, plus ``<|latent_start|>`` when K > 0).
+        Rows that finished keep emitting ``eos_token_id``.
+        """
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        num_rows = input_ids.shape[0]
+        visual = None
+        if batch.get("pixel_values_videos") is not None:
+            visual = self.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
+        pos_3BP = self.rope_positions(batch)
+        embeds_BPD = self.input_embeddings(input_ids, visual)
+        cache = self.new_cache()
+        hidden = self.decoder(embeds_BPD, pos_3BP, attention_mask, cache, visual=visual,
+                              video_mask_BT=input_ids == self.video_token_id)[:, -1:]
+        num_forced = num_latents + (1 if num_latents else 0)
+        pos_3BN = continuation_positions(pos_3BP, num_forced + max_new_tokens)
+        ones_B1 = attention_mask.new_ones(num_rows, 1)
+        for k in range(num_latents):
+            attention_mask = torch.cat([attention_mask, ones_B1], dim=1)
+            hidden = self.decoder(hidden, pos_3BN[:, :, k : k + 1], attention_mask, cache)
+        if num_latents:
+            end_B1 = torch.full((num_rows, 1), self.token_ids.end, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.cat([attention_mask, ones_B1], dim=1)
+            hidden = self.decoder(self.embed(end_B1), pos_3BN[:, :, num_latents : num_latents + 1], attention_mask,
+                                  cache)
+        generated, done_B = [], torch.zeros(num_rows, dtype=torch.bool, device=input_ids.device)
+        for t in range(max_new_tokens):
+            next_B = self.backbone.lm_head(hidden[:, -1]).argmax(dim=-1)
+            next_B = torch.where(done_B, torch.full_like(next_B, eos_token_id), next_B)
+            generated.append(next_B)
+            done_B |= next_B == eos_token_id
+            if bool(done_B.all()) or t == max_new_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, ones_B1], dim=1)
+            col = num_forced + t
+            hidden = self.decoder(self.embed(next_B[:, None]), pos_3BN[:, :, col : col + 1], attention_mask, cache)
+        return torch.stack(generated, dim=1)
+
