@@ -111,6 +111,10 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
         key = f"{prefix}.{name}" if prefix else name
         if name not in fields:
             raise ConfigError(f"unknown key {key!r}; valid keys{' in ' + prefix if prefix else ''}: {', '.join(fields)}")
+        default = _field_default(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # a partial section overrides the owner's default section, not the section class's defaults
+            value = _deep_merge(to_dict(default), value)
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)
@@ -119,6 +123,19 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
     except (ValueError, TypeError) as e:
         where = f"{prefix}: " if prefix else ""
         raise ConfigError(f"{where}{e}") from None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(cfg: Any) -> Any:

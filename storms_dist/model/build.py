@@ -179,21 +179,24 @@ class TrainableConfig:
     vision: bool = False
     """Train the vision tower (frozen in the paper; Stage 0 trains it from scratch)."""
     merger: bool = True
+    embed: bool = True
+    """Token embeddings + output head. Vocabulary-sized: on the CPU demo they dominate step time."""
     lm: bool = True
     vision_lr_scale: float = 0.1
     merger_lr_scale: float = 1.0
+    embed_lr_scale: float = 1.0
 
     def __post_init__(self):
-        if not (self.vision or self.merger or self.lm):
-            raise ValueError("trainable: at least one of vision / merger / lm must be true")
-        for name in ("vision_lr_scale", "merger_lr_scale"):
+        if not (self.vision or self.merger or self.embed or self.lm):
+            raise ValueError("trainable: at least one of vision / merger / embed / lm must be true")
+        for name in ("vision_lr_scale", "merger_lr_scale", "embed_lr_scale"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"trainable.{name}: expected > 0, got {getattr(self, name)}")
 
 
 def apply_freezing(model: STORMSModel, trainable: TrainableConfig) -> dict[ModuleGroup, int]:
     """Set requires_grad per module group; returns the number of trainable parameters per group."""
-    counts: dict[ModuleGroup, int] = {"vision": 0, "merger": 0, "lm": 0}
+    counts: dict[ModuleGroup, int] = {"vision": 0, "merger": 0, "embed": 0, "lm": 0}
     for name, param in model.backbone.named_parameters():
         group = model.spec.group_of(name)
         param.requires_grad_(bool(getattr(trainable, group)))
@@ -203,8 +206,9 @@ def apply_freezing(model: STORMSModel, trainable: TrainableConfig) -> dict[Modul
 
 
 def param_groups(model: STORMSModel, *, lr: float, weight_decay: float, trainable: TrainableConfig) -> list[dict]:
-    """AdamW groups: (vision | merger | lm) x (decay | no decay); biases, norms and embeddings get no decay."""
-    scales = {"vision": trainable.vision_lr_scale, "merger": trainable.merger_lr_scale, "lm": 1.0}
+    """AdamW groups: (vision | merger | embed | lm) x (decay | no decay); biases, norms, embeddings: no decay."""
+    scales = {"vision": trainable.vision_lr_scale, "merger": trainable.merger_lr_scale,
+              "embed": trainable.embed_lr_scale, "lm": 1.0}
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.backbone.named_parameters():
         if not param.requires_grad:

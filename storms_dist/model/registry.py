@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Family = Literal["qwen2_5_vl", "qwen3_vl"]
-ModuleGroup = Literal["vision", "merger", "lm"]
+ModuleGroup = Literal["vision", "merger", "embed", "lm"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,13 +24,16 @@ class BackboneSpec:
     """Kwargs for the family's config class (text_config / vision_config dicts), random-init backbones only."""
     vision_keys: tuple[str, ...]
     merger_keys: tuple[str, ...]
-    lm_keys: tuple[str, ...] = ("model.language_model.", "lm_head.")
+    embed_keys: tuple[str, ...] = ("model.language_model.embed_tokens.", "lm_head.")
+    """Token embeddings and output head (tied in small Qwen models): the vocabulary-sized matrices."""
+    lm_keys: tuple[str, ...] = ("model.language_model.",)
     num_params_b: float | None = None
     """Nominal size in billions, for scaling-study tables."""
 
     def group_of(self, param_name: str) -> ModuleGroup:
-        # merger keys are checked first: they sit under the vision tower's prefix
-        for group, keys in (("merger", self.merger_keys), ("vision", self.vision_keys), ("lm", self.lm_keys)):
+        # specific keys first: the merger sits under the vision prefix, the embeddings under the LM prefix
+        for group, keys in (("merger", self.merger_keys), ("vision", self.vision_keys), ("embed", self.embed_keys),
+                            ("lm", self.lm_keys)):
             if any(param_name.startswith(k) for k in keys):
                 return group  # type: ignore[return-value]
         raise KeyError(f"parameter {param_name!r} matches no module key of backbone {self.name!r}")

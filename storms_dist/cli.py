@@ -1,0 +1,207 @@
+"""``storms``: the command line. Thin: parse, load the config, call the pipeline.
+
+    storms demo [CONFIG] [--quick] [KEY=VALUE ...]
+    storms synth CONFIG [KEY=VALUE ...]
+    storms targets CONFIG --init-from EXPORT [--out DIR]
+    storms train CONFIG --stage {0,1,2} [--init-from EXPORT] [--nproc N] [KEY=VALUE ...]
+    storms eval CONFIG --model EXPORT [--split test] [--out DIR]
+    storms infer --model EXPORT --video FILE --question TEXT --options A B C D
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/demo/synth_tiny.yaml"
+QUICK_CONFIG = "configs/demo/synth_quick.yaml"
+
+
+def _config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("config", nargs=None if required else "?", default=None if required else DEFAULT_CONFIG,
+                        help=f"YAML run config{'' if required else f' (default: {DEFAULT_CONFIG})'}")
+    # overrides are collected from the leftover arguments (they may follow options): see main()
+    parser.epilog = "Any KEY=VALUE argument is a dotted config override, e.g. optim.lr=3e-4 model.num_latents=4."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="storms",
+        description="STORMS: video LVLMs that reason in a bounded continuous latent trajectory "
+                    "(thought-video targets -> Stage I -> Stage II -> eval), trained with DeepSpeed.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the embedded synthetic default and print the report",
+                       description="synth -> stage 0 -> targets -> Stage I -> Stage II, plus the baselines (K=0 SFT, "
+                                   "Stage I only, Stage II only) with the same budget; eval on the test split; "
+                                   "writes report.md/report.png under runs/NAME and logs everything to MLflow.")
+    _config_args(p, required=False)
+    p.add_argument("--quick", action="store_true", help=f"tiny budget for smoke tests ({QUICK_CONFIG})")
+
+    p = sub.add_parser("synth", help="generate the synthetic spatial-temporal benchmark with thought videos",
+                       description="Render the procedural videos, questions and ground-truth thought videos into "
+                                   "data.root (train/val/test + perception manifests). Deterministic by synth.seed.")
+    _config_args(p)
+
+    p = sub.add_parser("targets", help="encode thought videos into K pooled Stage I targets (cached, stamped)",
+                       description="Encode each train sample's thought video with the frozen vision encoder + merger "
+                                   "of EXPORT, pool into K targets, store a stamped safetensors cache.")
+    _config_args(p)
+    p.add_argument("--init-from", required=True, help="export folder Stage I starts from (e.g. the stage 0 export)")
+    p.add_argument("--out", default=None, help="cache folder (default: RUN_DIR/targets)")
+
+    p = sub.add_parser("train", help="train one stage through DeepSpeed",
+                       description="Stage 0: perception pre-training of the tiny backbone (embedded default only); "
+                                   "1: alignment with thought-video targets + answer CE; 2: answer-only CE through "
+                                   "the latent rollout. Writes RUN_DIR/stageN/{checkpoints,export,summary.json}.")
+    _config_args(p)
+    p.add_argument("--stage", type=int, choices=(0, 1, 2), help="which stage to train")
+    p.add_argument("--init-from", default=None,
+                   help="export to start from (default: previous stage's export in RUN_DIR; none for stage 0)")
+    p.add_argument("--nproc", type=int, default=None, help="local processes (torchrun); overrides nproc")
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # pipeline-internal: a serialized TrainJob
+
+    p = sub.add_parser("eval", help="evaluate an export on a split: predictions.jsonl + metrics.json",
+                       description="Latent rollout + greedy answer for every item of the split; accuracy overall and "
+                                   "per question type, per-item latency.")
+    _config_args(p)
+    p.add_argument("--model", required=True, help="export folder")
+    p.add_argument("--split", default=None, help="manifest split (default: eval.split)")
+    p.add_argument("--out", default=None, help="output folder (default: MODEL/../eval)")
+
+    p = sub.add_parser("infer", help="answer one question about one video with the latent rollout",
+                       description="Prefill video + question, K latent steps, forced <|latent_end|>, greedy answer.")
+    p.add_argument("--model", required=True, help="export folder")
+    p.add_argument("--video", required=True, help="video file")
+    p.add_argument("--question", required=True)
+    p.add_argument("--options", nargs="+", required=True, help="answer options, in order (lettered A, B, ...)")
+    p.add_argument("--num-latents", type=int, default=None, help="K at inference (default: as trained)")
+    p.add_argument("--config", default=None, help="run config for frame sampling / pixel budget (default: built-in)")
+    return parser
+
+
+def load_run_config(path: str | None, overrides: list[str]):
+    from storms_dist.config import load_config
+    from storms_dist.run_config import RunConfig
+
+    return load_config(RunConfig, path, overrides)
+
+
+def cmd_demo(args) -> int:
+    from storms_dist.pipeline import run_demo
+
+    config = QUICK_CONFIG if args.quick and args.config == DEFAULT_CONFIG else args.config
+    cfg = load_run_config(config, args.overrides)
+    paths = run_demo(cfg)
+    print(f"\nreport: {paths['markdown']}\nchart:  {paths['chart']}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from storms_dist.pipeline import ensure_synth
+
+    cfg = load_run_config(args.config, args.overrides)
+    root = ensure_synth(cfg)
+    print(f"synthetic set ready in {root}")
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from storms_dist.data.manifest import read_manifest
+    from storms_dist.data.preprocess import VisionSpec
+    from storms_dist.model.build import load_exported
+    from storms_dist.targets import build_targets
+
+    cfg = load_run_config(args.config, args.overrides)
+    model, _, settings = load_exported(args.init_from)
+    out = Path(args.out) if args.out else cfg.run_dir / "targets"
+    store = build_targets(model, read_manifest(cfg.data.manifest_path("train")),
+                          VisionSpec.from_hf_config(model.backbone.config), cfg.data, out,
+                          num_latents=cfg.model.num_latents, cfg=cfg.targets, progress=True)
+    print(f"{len(store)} thought-video targets (K={cfg.model.num_latents}) in {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from storms_dist.pipeline import job_from_json, run_training
+    from storms_dist.train.trainer import TrainJob
+
+    cfg = load_run_config(args.config, args.overrides)
+    if args.job:
+        job = job_from_json(json.loads(Path(args.job).read_text()))
+        from storms_dist.train.trainer import Trainer
+
+        trainer = Trainer(cfg, job)  # already under torchrun
+        trainer.train()
+        return 0
+    if args.stage is None:
+        raise SystemExit("storms train: --stage is required (0, 1 or 2)")
+    if args.nproc is not None:
+        from storms_dist.config import replace
+
+        cfg = replace(cfg, nproc=args.nproc)
+    init_from = args.init_from
+    if init_from is None and args.stage > 0:
+        init_from = str(cfg.run_dir / f"stage{args.stage - 1}" / "export")
+        if not Path(init_from).is_dir():
+            raise SystemExit(f"storms train: --init-from not given and {init_from} does not exist; "
+                             f"train stage {args.stage - 1} first or pass --init-from")
+    job = TrainJob(name=f"stage{args.stage}", stage=args.stage, stage_cfg=cfg.stage(args.stage),
+                   out_dir=cfg.run_dir / f"stage{args.stage}", init_from=init_from,
+                   targets_dir=cfg.run_dir / "targets")
+    summary = run_training(cfg, job)
+    print(json.dumps({k: v for k, v in summary.items() if k != "loss_curve"}, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from storms_dist.eval.evaluate import evaluate
+
+    cfg = load_run_config(args.config, args.overrides)
+    eval_cfg = cfg.eval if args.split is None else type(cfg.eval)(**{**vars(cfg.eval), "split": args.split})
+    out = Path(args.out) if args.out else Path(args.model).parent / "eval"
+    metrics = evaluate(args.model, cfg.data, eval_cfg, out, progress=True)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from storms_dist.eval.evaluate import answer_one
+
+    cfg = load_run_config(args.config, [])
+    result = answer_one(args.model, args.video, args.question, args.options, data_cfg=cfg.data,
+                        num_latents=args.num_latents)
+    print(f"answer: {result['answer']}  (raw {result['raw']!r}, K={result['num_latents']}, "
+          f"latency {result['latency_ms']:.1f} ms)")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "targets": cmd_targets, "train": cmd_train, "eval": cmd_eval,
+            "infer": cmd_infer}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = extra
+    from storms_dist.config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"storms {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""Video-QA samples -> model inputs: decode, preprocess, prompt, collate into the latent-slot layout.
+
+Every path that turns a video file into model inputs (training, thought-video targets, eval, infer) goes through
+``load_video_inputs``, so the frame-sampling rule and the preprocessing are the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from storms_dist.data.manifest import Sample, read_manifest
+from storms_dist.data.preprocess import ResizeConfig, VisionSpec, preprocess_video
+from storms_dist.data.prompt import answer_tokens, build_prompt
+from storms_dist.data.sampling import FrameSamplingConfig, sample_frame_indices, sampled_timestamps, second_per_grid_t
+from storms_dist.data.video_io import decode_frames, probe_video
+from storms_dist.model.latent import LatentTokenIds, SlotLayout, collate_latent_batch
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    root: str = "data/synth"
+    """Folder holding the manifests (``storms synth`` writes one)."""
+    train_manifest: str = "train.jsonl"
+    val_manifest: str = "val.jsonl"
+    test_manifest: str = "test.jsonl"
+    perception_manifest: str = "perception_train.jsonl"
+    """Stage 0 (embedded default only): single-frame perception questions that pre-train the tiny backbone."""
+    frames: FrameSamplingConfig = field(default_factory=lambda: FrameSamplingConfig(fps=None, num_frames=16,
+                                                                                    min_frames=4, max_frames=16))
+    min_pixels: int = 28 * 28 * 4
+    max_pixels: int = 112 * 112
+    cache_decoded: bool = True
+    """Keep preprocessed videos in memory (small synthetic sets: every epoch after the first skips decoding)."""
+
+    def __post_init__(self):
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
+
+    @property
+    def resize(self) -> ResizeConfig:
+        return ResizeConfig(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+    def manifest_path(self, split: str) -> Path:
+        name = {"train": self.train_manifest, "val": self.val_manifest, "test": self.test_manifest,
+                "perception": self.perception_manifest}.get(split)
+        if name is None:
+            raise ValueError(f"unknown split {split!r}; valid: train, val, test, perception")
+        return Path(self.root) / name
+
+
+@dataclass
+class VideoInputs:
+    pixel_values_videos: torch.Tensor
+    video_grid_thw: torch.Tensor
+    timestamps_s: list[float]
+    second_per_grid_t: float
+
+
+def load_video_inputs(path: Path, spec: VisionSpec, cfg: DataConfig) -> VideoInputs:
+    """Decode the sampled frames of one video file and preprocess them for the backbone."""
+    info = probe_video(path)
+    indices = sample_frame_indices(info.num_frames, info.fps, cfg.frames)
+    frames = decode_frames(path, indices)
+    processed = preprocess_video(frames, spec, cfg.resize)
+    return VideoInputs(processed.pixel_values_videos, processed.video_grid_thw, sampled_timestamps(indices, info.fps),
+                       second_per_grid_t(indices, info.fps, spec.temporal_patch_size))
+
+
+@dataclass
+class Item:
+    sample: Sample
+    prompt_ids: list[int]
+    mm_token_type_ids: list[int]
+    answer_ids: list[int]
+    video: VideoInputs
+
+
+class VideoQADataset(torch.utils.data.Dataset):
+    def __init__(self, samples: Sequence[Sample], tokenizer, spec: VisionSpec, cfg: DataConfig):
+        self.samples = list(samples)
+        self.tokenizer, self.spec, self.cfg = tokenizer, spec, cfg
+        self._video_cache: dict[Path, VideoInputs] = {}
+
+    @classmethod
+    def from_split(cls, split: str, tokenizer, spec: VisionSpec, cfg: DataConfig) -> "VideoQADataset":
+        return cls(read_manifest(cfg.manifest_path(split)), tokenizer, spec, cfg)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def video(self, path: Path) -> VideoInputs:
+        if not self.cfg.cache_decoded:
+            return load_video_inputs(path, self.spec, self.cfg)
+        if path not in self._video_cache:
+            self._video_cache[path] = load_video_inputs(path, self.spec, self.cfg)
+        return self._video_cache[path]
+
+    def __getitem__(self, index: int) -> Item:
+        sample = self.samples[index]
+        video = self.video(sample.video_path)
+        prompt = build_prompt(self.tokenizer, self.spec.family, question=sample.question, options=sample.options,
+                              video_grid_thw=video.video_grid_thw, timestamps_s=video.timestamps_s,
+                              merge_size=self.spec.merge_size, temporal_patch_size=self.spec.temporal_patch_size)
+        return Item(sample, prompt.input_ids, prompt.mm_token_type_ids,
+                    answer_tokens(self.tokenizer, sample.answer), video)
+
+
+@dataclass
+class LatentCollator:
+    """Items -> (batch, layout) in the latent-slot layout, with videos concatenated in batch order."""
+
+    token_ids: LatentTokenIds
+    pad_id: int
+    num_latents: int
+    with_answers: bool = True
+    """False for inference: the batch is the left-padded prefix only (up to ``<|latent_start|>``)."""
+
+    def __call__(self, items: Sequence[Item]) -> tuple[dict, SlotLayout]:
+        answers = [it.answer_ids if self.with_answers else [] for it in items]
+        batch, layout = collate_latent_batch([it.prompt_ids for it in items], [it.mm_token_type_ids for it in items],
+                                             answers, num_latents=self.num_latents, ids=self.token_ids,
+                                             pad_id=self.pad_id)
+        if not self.with_answers:
+            batch = {k: v[:, : layout.prefix_len] for k, v in batch.items() if k != "labels"}
+        batch["pixel_values_videos"] = torch.cat([it.video.pixel_values_videos for it in items])
+        batch["video_grid_thw"] = torch.stack([it.video.video_grid_thw for it in items])
+        batch["second_per_grid_ts"] = torch.tensor([it.video.second_per_grid_t for it in items])
+        batch["uids"] = [it.sample.uid for it in items]
+        return batch, layout
+
+
+class ShardedSampler:
+    """Deterministic, resumable, per-rank batches of indices: epoch e is a permutation seeded by (seed, e);
+    each global batch of ``micro_batch_size * world_size`` indices is split contiguously across ranks."""
+
+    def __init__(self, num_items: int, *, micro_batch_size: int, rank: int, world_size: int, seed: int):
+        global_batch = micro_batch_size * world_size
+        if num_items < global_batch:
+            raise ValueError(f"dataset has {num_items} items, fewer than one global batch ({global_batch})")
+        self.num_items, self.micro_batch_size = num_items, micro_batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch, self.batch_in_epoch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_items // (self.micro_batch_size * self.world_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
+                "world_size": self.world_size, "micro_batch_size": self.micro_batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("world_size", "micro_batch_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"sampler state was saved with {key}={state[key]}, this run has "
+                                 f"{getattr(self, key)}: the data order cannot be resumed exactly")
+        self.epoch, self.batch_in_epoch, self.seed = state["epoch"], state["batch_in_epoch"], state["seed"]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            while self.batch_in_epoch < self.batches_per_epoch:
+                start = (self.batch_in_epoch * self.world_size + self.rank) * self.micro_batch_size
+                self.batch_in_epoch += 1
+                yield order[start : start + self.micro_batch_size].tolist()
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0

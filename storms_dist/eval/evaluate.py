@@ -1,0 +1,118 @@
+"""Evaluate an export on a manifest split: latent rollout + greedy answer, letter extraction, accuracy and latency."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from storms_dist.data.dataset import DataConfig, LatentCollator, VideoQADataset
+from storms_dist.data.manifest import read_manifest
+from storms_dist.data.preprocess import VisionSpec
+from storms_dist.data.prompt import extract_answer_letter
+from storms_dist.eval.metrics import accuracy_by_type
+from storms_dist.model.build import latent_token_ids, load_exported
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    split: str = "test"
+    batch_size: int = 16
+    num_latents: int | None = None
+    """K at inference; None = the K the export was trained with. Bounded by model max_latents."""
+    max_new_tokens: int = 4
+    num_latency_items: int = 32
+    """Items timed one at a time (batch size 1) for the per-item latency; 0 skips the latency pass."""
+    limit: int | None = None
+    """Evaluate only the first N items (smoke runs)."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
+        if self.num_latents is not None and self.num_latents < 0:
+            raise ValueError(f"num_latents: expected >= 0 or null, got {self.num_latents}")
+
+
+def evaluate(export_dir: str | Path, data_cfg: DataConfig, cfg: EvalConfig, out_dir: str | Path,
+             *, progress: bool = False) -> dict:
+    """Writes ``predictions.jsonl`` (uid, qtype, prediction, answer, raw, latency_ms) and ``metrics.json``."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, settings = load_exported(export_dir)
+    model.eval()
+    num_latents = settings["num_latents"] if cfg.num_latents is None else cfg.num_latents
+    if num_latents > settings["max_latents"]:
+        raise ValueError(f"eval.num_latents: {num_latents} exceeds the model's max_latents ({settings['max_latents']})")
+    spec = VisionSpec.from_hf_config(model.backbone.config)
+    samples = read_manifest(data_cfg.manifest_path(cfg.split))
+    if cfg.limit is not None:
+        samples = samples[: cfg.limit]
+    dataset = VideoQADataset(samples, tokenizer, spec, data_cfg)
+    collate = LatentCollator(latent_token_ids(tokenizer), tokenizer.pad_token_id, num_latents, with_answers=False)
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def answer(items):
+        batch, _ = collate(items)
+        batch.pop("uids")
+        start = time.perf_counter()
+        new_ids = model.generate(batch, num_latents=num_latents, eos_token_id=eos_id,
+                                 max_new_tokens=cfg.max_new_tokens)
+        return new_ids, (time.perf_counter() - start) * 1000
+
+    records = []
+    for start in tqdm(range(0, len(dataset), cfg.batch_size), desc=f"eval {cfg.split}", disable=not progress):
+        items = [dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))]
+        new_ids, batch_ms = answer(items)
+        for item, ids in zip(items, new_ids):
+            raw = tokenizer.decode(ids, skip_special_tokens=True)
+            records.append({"uid": item.sample.uid, "qtype": item.sample.qtype,
+                            "prediction": extract_answer_letter(raw, len(item.sample.options)),
+                            "answer": item.sample.answer, "raw": raw, "latency_ms": batch_ms / len(items)})
+
+    latencies = []
+    for i in range(min(cfg.num_latency_items, len(dataset))):  # decode is cached: this times the model only
+        latencies.append(answer([dataset[i]])[1])
+        records[i]["latency_ms"] = latencies[-1]
+
+    metrics = accuracy_by_type(records)
+    metrics.update(
+        split=cfg.split, num_latents=num_latents, export=str(export_dir),
+        latency_ms_per_item=statistics.median(latencies) if latencies else None,
+        throughput_items_per_s=1000 * len(records) / sum(r["latency_ms"] for r in records) if records else None,
+    )
+    with open(out_dir / "predictions.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+@torch.no_grad()
+def answer_one(export_dir: str | Path, video: str | Path, question: str, options: list[str], *,
+               data_cfg: DataConfig, num_latents: int | None = None) -> dict:
+    """``storms infer``: one video + question -> letter, raw text and latency."""
+    from storms_dist.data.manifest import Sample, letter
+
+    model, tokenizer, settings = load_exported(export_dir)
+    model.eval()
+    k = settings["num_latents"] if num_latents is None else num_latents
+    spec = VisionSpec.from_hf_config(model.backbone.config)
+    sample = Sample(uid="infer", video=str(Path(video).resolve()), question=question, options=list(options),
+                    answer=letter(0), qtype="infer", thought_video=None, split="test", root=Path("/"))
+    dataset = VideoQADataset([sample], tokenizer, spec, data_cfg)
+    collate = LatentCollator(latent_token_ids(tokenizer), tokenizer.pad_token_id, k, with_answers=False)
+    item = dataset[0]
+    batch, _ = collate([item])
+    batch.pop("uids")
+    start = time.perf_counter()
+    new_ids = model.generate(batch, num_latents=k, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    latency_ms = (time.perf_counter() - start) * 1000
+    raw = tokenizer.decode(new_ids[0], skip_special_tokens=True)
+    return {"answer": extract_answer_letter(raw, len(options)), "raw": raw, "num_latents": k,
+            "latency_ms": latency_ms}
