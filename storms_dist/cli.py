@@ -194,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = extra
+    config = getattr(args, "config", None)
+    if config is not None and "=" in config and not Path(config).exists():
+        # `storms demo KEY=VALUE`: the optional config was omitted and the first override took its place
+        args.overrides = [config, *extra]
+        args.config = DEFAULT_CONFIG
     from storms_dist.config import ConfigError
 
     try:

@@ -77,7 +77,7 @@ def method_jobs(cfg: RunConfig, method: str, *, seed_dir: Path, stage0_export: s
     tags = {"method": method}
 
     def job(name, stage, stage_cfg, init_from, targets=None):
-        return TrainJob(name=f"{method}/{name}" if name != method else method, stage=stage, stage_cfg=stage_cfg,
+        return TrainJob(name=f"{method}/{name}", stage=stage, stage_cfg=stage_cfg,
                         out_dir=seed_dir / method / name, init_from=init_from, targets_dir=targets,
                         parent_run_id=parent_run_id, tags=tags)
 

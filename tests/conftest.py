@@ -16,3 +16,11 @@ def tokenizer():
     from storms_dist.model.build import build_tokenizer
 
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_torch_extensions():
+    """DeepSpeed JIT-builds a shared-memory comm op on CPU once (~30 s); every test run reuses the build."""
+    from pathlib import Path
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "runs" / "torch_extensions"))

@@ -352,52 +352,64 @@ class ThoughtSpec:
     tally: tuple[int, ...] = ()  # per frame: how many tally squares to draw (empty: none)
 
 
-def _disc_masks(grid_x: np.ndarray, grid_y: np.ndarray, centres: np.ndarray, radius: float) -> np.ndarray:
-    """[num_centres, H, W] masks of pixels whose centre lies within ``radius``."""
-    d2 = (grid_x[None] - centres[:, 0, None, None]) ** 2 + (grid_y[None] - centres[:, 1, None, None]) ** 2
-    return d2 <= radius * radius
+def _paint_annulus(frame: np.ndarray, centre: Sequence[float], outer: float, colour: Any, inner: float = -1.0) -> None:
+    """Paint pixels whose centre lies within ``outer`` of ``centre`` and beyond ``inner`` (a disc when inner < 0).
+
+    Works on the bounding box only: full-frame masks cost more than the video encoding at these sizes.
+    """
+    size = frame.shape[0]
+    x, y = float(centre[0]), float(centre[1])
+    col0, col1 = max(int(x - outer), 0), min(int(x + outer) + 2, size)
+    row0, row1 = max(int(y - outer), 0), min(int(y + outer) + 2, size)
+    if col0 >= col1 or row0 >= row1:
+        return
+    dx = np.arange(col0, col1) + 0.5 - x
+    dy = np.arange(row0, row1) + 0.5 - y
+    d2 = dy[:, None] ** 2 + dx[None, :] ** 2
+    mask = d2 <= outer * outer
+    if inner >= 0:
+        mask &= d2 > inner * inner
+    frame[row0:row1, col0:col1][mask] = colour
 
 
 def render(scene: Scene, trajectory: Trajectory, times: Sequence[float], spec: ThoughtSpec | None = None) -> np.ndarray:
     """Frames ``[len(times), size, size, 3]`` uint8 RGB: background, trails, balls, occluder, then marks on top."""
-    size, radius = scene.size, scene.radius
-    grid_y, grid_x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres
+    radius = scene.radius
     positions, _ = trajectory.state_at(times)
     colours = np.array([PALETTE[c] for c in scene.colours], dtype=np.uint8)
-    frames = np.empty((len(times), size, size, 3), dtype=np.uint8)
+    frames = np.empty((len(times), scene.size, scene.size, 3), dtype=np.uint8)
     frames[:] = BACKGROUND_RGB
     rings_by_frame: dict[int, list[tuple[int, int]]] = {}
     for frame_index, ball, extra in (spec.rings if spec else ()):
         rings_by_frame.setdefault(frame_index, []).append((ball, extra))
-    background = np.array(BACKGROUND_RGB, dtype=np.float64)
     for f, t in enumerate(times):
         frame = frames[f]
         for ball in (spec.trail_balls if spec else ()):
-            _draw_trail(frame, grid_x, grid_y, trajectory, ball, float(t), radius, colours[ball], background)
-        for ball, mask in enumerate(_disc_masks(grid_x, grid_y, positions[f], radius)):
-            frame[mask] = colours[ball]
+            _draw_trail(frame, trajectory, ball, float(t), radius, colours[ball])
+        for ball in range(scene.num_balls):
+            _paint_annulus(frame, positions[f, ball], radius, colours[ball])
         if scene.occluder is not None:
             x0, y0, x1, y1 = scene.occluder
             frame[y0:y1, x0:x1] = OCCLUDER_RGB
         for ball, extra in rings_by_frame.get(f, ()):
-            d2 = (grid_x - positions[f, ball, 0]) ** 2 + (grid_y - positions[f, ball, 1]) ** 2
-            frame[(d2 > (radius + 1) ** 2) & (d2 <= (radius + 2.5 + extra) ** 2)] = MARK_RGB
+            _paint_annulus(frame, positions[f, ball], radius + 2.5 + extra, MARK_RGB, inner=radius + 1)
         if spec and spec.tally:
             for k in range(spec.tally[f]):
                 frame[2:6, 2 + 6 * k:6 + 6 * k] = MARK_RGB
     return frames
 
 
-def _draw_trail(frame: np.ndarray, grid_x: np.ndarray, grid_y: np.ndarray, trajectory: Trajectory, ball: int,
-                t: float, radius: float, colour: np.ndarray, background: np.ndarray) -> None:
+def _draw_trail(frame: np.ndarray, trajectory: Trajectory, ball: int, t: float, radius: float,
+                colour: np.ndarray) -> None:
     """Fading dots at the ball's positions over the last 3 frames: their spacing shows speed and direction."""
     past_times = [t - 0.5 * k for k in range(6, 0, -1) if t - 0.5 * k >= 0]
     if not past_times:
         return
-    past_positions = trajectory.state_at(past_times)[0][:, ball]
-    for k, mask in enumerate(_disc_masks(grid_x, grid_y, past_positions, 0.45 * radius)):
+    background = np.array(BACKGROUND_RGB, dtype=np.float64)
+    for k, position in enumerate(trajectory.state_at(past_times)[0][:, ball]):
         strength = 0.25 + 0.5 * (k + 1) / len(past_times)
-        frame[mask] = np.round(background + strength * (colour - background)).astype(np.uint8)
+        faded = np.round(background + strength * (colour - background)).astype(np.uint8)
+        _paint_annulus(frame, position, 0.45 * radius, faded)
 
 
 # ----------------------------------------------------------------------------------------------------- questions

@@ -226,8 +226,10 @@ class Trainer:
         job = self.job
         self.engine.save_checkpoint(str(job.out_dir / "checkpoints"), tag=f"step{self.step}")
         state_dict = self.consolidated_state_dict()
+        probe = self.probe_logits()
         export_dir = job.out_dir / "export"
         if self.dist.is_main:
+            torch.save(probe, job.out_dir / "export_probe.pt")
             export_model(self.model, self.tokenizer, export_dir, num_latents=self.num_latents,
                          max_latents=self.cfg.model.max_latents, state_dict=state_dict,
                          extra={"stage": job.stage, "job": job.name, "steps": self.step})
@@ -243,6 +245,19 @@ class Trainer:
             self.tracker.log_artifact(job.out_dir / "summary.json")
         barrier()
         return json.loads((job.out_dir / "summary.json").read_text())
+
+    @torch.no_grad()
+    def probe_logits(self) -> dict:
+        """The trained model's logits on a fixed batch (the first sample's prompt and answer), computed through the
+        engine's parameters: lets anyone check that the export reloads with identical logits."""
+        items = [self.dataset[0]]
+        batch, _ = LatentCollator(self.collate.token_ids, self.collate.pad_id, 0)(items)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos",
+                                        "video_grid_thw")}
+        self.model.eval()
+        logits = self.engine.module.backbone(**inputs).logits  # all ranks: ZeRO-3 gathers layer by layer
+        self.model.train()
+        return {"inputs": inputs, "logits": logits.float().cpu()}
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full backbone weights on rank 0 (gathered module by module under ZeRO-3); None elsewhere."""
