@@ -170,3 +170,23 @@ def test_generate_matches_training_forward(model, tokenizer, num_latents):
     model.train()
     assert out_ids.shape[0] == len(GRIDS_THW) and 1 <= out_ids.shape[1] <= 3
     assert torch.equal(out_ids[:, 0], expected_first)
+
+
+def test_activation_checkpointing_keeps_the_rollout_exact(tokenizer):
+    """HF layer checkpointing drops the KV cache; the rollout must switch it off for its passes and stay exact."""
+    cfg = dict(backbone="qwen2_5_vl-micro", dtype="float32", attn_implementation="sdpa")
+    plain = build_model(ModelConfig(**cfg), tokenizer, seed=0).train()
+    checkpointed = build_model(ModelConfig(**cfg, activation_checkpointing=True), tokenizer, seed=0).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    batch, layout = make_batch(plain, tokenizer, num_latents=3)
+    results = []
+    for model in (plain, checkpointed):
+        model.zero_grad()
+        out = model(batch, layout, mode="rollout")
+        out.loss.backward()
+        results.append((out.loss.item(), grads(model)))
+    assert abs(results[0][0] - results[1][0]) <= 1e-6
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    layers = checkpointed.backbone.model.language_model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)  # restored after the rollout

@@ -87,9 +87,9 @@ class SynthConfig:
     """Size and content of the synthetic benchmark. ``num_*`` count source videos (= questions) per split."""
 
     seed: int = 0
-    num_train: int = 1500
-    num_val: int = 150
-    num_test: int = 300
+    num_train: int = 1200
+    num_val: int = 120
+    num_test: int = 240
     num_frames: int = 16
     fps: float = 8.0
     size: int = 84
@@ -266,7 +266,7 @@ def simulate(scene: Scene, duration: float, *, collisions: bool) -> Trajectory:
                 wall = ("right" if towards_high else "left") if b == 0 else ("bottom" if towards_high else "top")
                 pos[a, b] = high if towards_high else low  # snap: no drift through the wall
                 vel[a, b] = -vel[a, b]
-                events.append(Event(time=t, kind="wall", ball=a, wall=wall))
+                events.append(Event(time=float(t), kind="wall", ball=a, wall=wall))
             else:
                 normal = pos[b] - pos[a]
                 normal /= np.linalg.norm(normal)
@@ -275,7 +275,7 @@ def simulate(scene: Scene, duration: float, *, collisions: bool) -> Trajectory:
                     continue
                 vel[a] += closing * normal  # equal masses: exchange the normal velocity components
                 vel[b] -= closing * normal
-                events.append(Event(time=t, kind="collision", ball=a, other=b))
+                events.append(Event(time=float(t), kind="collision", ball=a, other=b))
         key_times.append(t)
         key_positions.append(pos.copy())
         key_velocities.append(vel.copy())
@@ -428,7 +428,9 @@ class QuestionPlan:
 
 
 @dataclass(frozen=True)
-class _World:
+class World:
+    """A sampled scene with its simulated trajectory (through the clip, the continuation and a margin)."""
+
     cfg: SynthConfig
     scene: Scene
     trajectory: Trajectory
@@ -467,7 +469,7 @@ def _colour_options(rng: np.random.Generator, scene: Scene, correct_colour: str,
     return tuple([correct_colour, *others, *absent][:num_options])
 
 
-def _plan_next_wall(world: _World, rng: np.random.Generator, target_wall: str) -> QuestionPlan | None:
+def _plan_next_wall(world: World, rng: np.random.Generator, target_wall: str) -> QuestionPlan | None:
     end, num_thought = world.clip_end, world.cfg.num_thought_frames
     for ball in rng.permutation(world.scene.num_balls):
         walls = world.trajectory.wall_events(ball)
@@ -492,7 +494,7 @@ def _plan_next_wall(world: _World, rng: np.random.Generator, target_wall: str) -
     return None
 
 
-def _plan_future_quadrant(world: _World, rng: np.random.Generator, target: tuple[str, bool]) -> QuestionPlan | None:
+def _plan_future_quadrant(world: World, rng: np.random.Generator, target: tuple[str, bool]) -> QuestionPlan | None:
     quadrant, same_as_last = target
     cfg, end = world.cfg, world.clip_end
     frames_after = int(rng.choice(range(4, cfg.num_thought_frames + 1, 4)))
@@ -516,11 +518,11 @@ def _plan_future_quadrant(world: _World, rng: np.random.Generator, target: tuple
     return None
 
 
-def _describe_wall_event(world: _World, event: Event) -> str:
+def _describe_wall_event(world: World, event: Event) -> str:
     return f"the {world.colour(event.ball)} ball hitting the {event.wall} wall"
 
 
-def _plan_event_order(world: _World, rng: np.random.Generator, earlier_mentioned_first: bool) -> QuestionPlan | None:
+def _plan_event_order(world: World, rng: np.random.Generator, earlier_mentioned_first: bool) -> QuestionPlan | None:
     end = world.clip_end
     seen = [e for e in world.trajectory.wall_events() if e.time <= end + EDGE_MARGIN_FRAMES]
     occurrences = Counter((e.ball, e.wall) for e in seen)
@@ -547,7 +549,7 @@ def _plan_event_order(world: _World, rng: np.random.Generator, earlier_mentioned
         meta={"event_times": [round(e.time, 3) for e in mentioned]})
 
 
-def _plan_first_bounce(world: _World, rng: np.random.Generator, target: None) -> QuestionPlan | None:
+def _plan_first_bounce(world: World, rng: np.random.Generator, target: None) -> QuestionPlan | None:
     end, num_balls = world.clip_end, world.scene.num_balls
     firsts = {}
     for ball in range(num_balls):
@@ -570,7 +572,12 @@ def _plan_first_bounce(world: _World, rng: np.random.Generator, target: None) ->
         meta={"first_bounce_times": {world.colour(b): round(e.time, 3) for b, e in firsts.items()}})
 
 
-def _plan_wall_bounces(world: _World, rng: np.random.Generator, target_count: int) -> QuestionPlan | None:
+def max_bounce_count(cfg: SynthConfig) -> int:
+    """Largest bounce count asked about: three well-separated bounces need >= 12 frames at the default speeds."""
+    return 3 if cfg.num_frames >= 12 else 2
+
+
+def _plan_wall_bounces(world: World, rng: np.random.Generator, target_count: int) -> QuestionPlan | None:
     end = world.clip_end
     for ball in rng.permutation(world.scene.num_balls):
         walls = [e for e in world.trajectory.wall_events(ball) if e.time <= end + EDGE_MARGIN_FRAMES]
@@ -586,13 +593,13 @@ def _plan_wall_bounces(world: _World, rng: np.random.Generator, target_count: in
         tally = tuple(sum(bf <= f for bf in bounce_frames) for f in range(len(times)))
         return QuestionPlan(
             variant="wall_bounces", question=f"How many times does the {world.colour(ball)} ball bounce off a wall?",
-            options=("0", "1", "2", "3"), correct=target_count,
+            options=tuple(str(c) for c in range(max_bounce_count(world.cfg) + 1)), correct=target_count,
             thought=ThoughtSpec(kind="replay_marked", times=times, rings=tuple(rings), tally=tally),
             meta={"ball": world.colour(ball), "bounce_times": [round(e.time, 3) for e in walls]})
     return None
 
 
-def _plan_fastest(world: _World, rng: np.random.Generator, target: None) -> QuestionPlan | None:
+def _plan_fastest(world: World, rng: np.random.Generator, target: None) -> QuestionPlan | None:
     if any(e.kind == "collision" and e.time <= world.clip_end + EDGE_MARGIN_FRAMES for e in world.trajectory.events):
         return None  # collisions exchange speed: "fastest" would change during the clip
     speeds = np.hypot(*np.array(world.scene.velocities).T)
@@ -606,7 +613,7 @@ def _plan_fastest(world: _World, rng: np.random.Generator, target: None) -> Ques
         meta={"speeds": {c: round(float(s), 3) for c, s in zip(world.scene.colours, speeds)}})
 
 
-def _plan_start_direction(world: _World, rng: np.random.Generator, target_direction: str) -> QuestionPlan | None:
+def _plan_start_direction(world: World, rng: np.random.Generator, target_direction: str) -> QuestionPlan | None:
     for ball in rng.permutation(world.scene.num_balls):
         velocity = world.scene.velocities[ball]
         if min(abs(velocity[0]), abs(velocity[1])) < DIRECTION_MIN_FRACTION * math.hypot(*velocity):
@@ -632,7 +639,7 @@ def _corner_point(corner: str, size: int) -> tuple[float, float]:
     return (0.0 if corner.endswith("left") else float(size), 0.0 if corner.startswith("top") else float(size))
 
 
-def _plan_closest_to_corner(world: _World, rng: np.random.Generator, corner: str) -> QuestionPlan | None:
+def _plan_closest_to_corner(world: World, rng: np.random.Generator, corner: str) -> QuestionPlan | None:
     positions = np.array(world.scene.positions)
     distances = np.hypot(*(positions - _corner_point(corner, world.cfg.size)).T)
     order = np.argsort(distances)
@@ -649,7 +656,7 @@ def _plan_closest_to_corner(world: _World, rng: np.random.Generator, corner: str
         meta={"corner": corner})
 
 
-def _plan_num_balls(world: _World, rng: np.random.Generator, target_count: int) -> QuestionPlan | None:
+def _plan_num_balls(world: World, rng: np.random.Generator, target_count: int) -> QuestionPlan | None:
     num_balls = world.scene.num_balls
     if num_balls != target_count:
         return None
@@ -685,7 +692,7 @@ def _target_values(variant: str, cfg: SynthConfig) -> tuple[Any, ...]:
         # P(answer quadrant == last-frame quadrant) = 1/4, so the last frame alone does not predict the answer
         "future_quadrant": tuple((q, same) for q in QUADRANTS for same in (True, False, False, False)),
         "event_order": (True, False),
-        "wall_bounces": (0, 1, 2, 3),
+        "wall_bounces": tuple(range(max_bounce_count(cfg) + 1)),
         "start_direction": DIRECTIONS,
         "closest_to_corner": QUADRANTS,
         "num_balls": tuple(range(1, cfg.max_balls + 1)),
@@ -712,7 +719,7 @@ def assignment(cfg: SynthConfig, index: int) -> tuple[str, str, int]:
     return qtype, variants[within_qtype % len(variants)], within_qtype // len(variants)
 
 
-def sample_world(rng: np.random.Generator, cfg: SynthConfig, variant: str, target: Any) -> tuple[_World, QuestionPlan]:
+def sample_world(rng: np.random.Generator, cfg: SynthConfig, variant: str, target: Any) -> tuple[World, QuestionPlan]:
     """Rejection-sample scenes until one has an unambiguous ``variant`` question with answer ``target``."""
     min_balls = _MIN_BALLS.get(variant, 1)
     horizon = cfg.num_frames - 1 + cfg.num_thought_frames + EVENT_GAP_FRAMES
@@ -727,7 +734,7 @@ def sample_world(rng: np.random.Generator, cfg: SynthConfig, variant: str, targe
         positions, _ = trajectory.state_at(check_frames)
         if not all(_fully_visible(scene, p) for p in positions):
             continue  # static and perception questions read the first/last frames
-        world = _World(cfg=cfg, scene=scene, trajectory=trajectory)
+        world = World(cfg=cfg, scene=scene, trajectory=trajectory)
         plan = _PLANNERS[variant](world, rng, target)
         if plan is not None:
             return world, plan
@@ -738,7 +745,7 @@ def sample_world(rng: np.random.Generator, cfg: SynthConfig, variant: str, targe
 # ----------------------------------------------------------------------------------------------------- perception
 
 
-def _perception_colour_in_quadrant(world: _World, rng: np.random.Generator, frame_name: str) -> QuestionPlan | None:
+def _perception_colour_in_quadrant(world: World, rng: np.random.Generator, frame_name: str) -> QuestionPlan | None:
     size, radius = world.cfg.size, world.cfg.radius
     t = 0.0 if frame_name == "first" else world.clip_end
     positions = world.trajectory.state_at([t])[0][0]
@@ -758,7 +765,7 @@ def _perception_colour_in_quadrant(world: _World, rng: np.random.Generator, fram
     return None
 
 
-def _perception_extreme(world: _World, rng: np.random.Generator) -> QuestionPlan | None:
+def _perception_extreme(world: World, rng: np.random.Generator) -> QuestionPlan | None:
     if world.scene.num_balls < 2:
         return None
     positions = np.array(world.scene.positions)
@@ -774,13 +781,13 @@ def _perception_extreme(world: _World, rng: np.random.Generator) -> QuestionPlan
     return None
 
 
-def _perception_num_balls(world: _World, rng: np.random.Generator) -> QuestionPlan:
+def _perception_num_balls(world: World, rng: np.random.Generator) -> QuestionPlan:
     return QuestionPlan(variant="num_balls", question="How many balls are in the video?",
                         options=tuple(str(k) for k in range(1, world.cfg.max_balls + 1)),
                         correct=world.scene.num_balls - 1, thought=None)
 
 
-def _perception_position(world: _World, rng: np.random.Generator) -> QuestionPlan | None:
+def _perception_position(world: World, rng: np.random.Generator) -> QuestionPlan | None:
     for ball in rng.permutation(world.scene.num_balls):
         position = world.scene.positions[ball]
         if quadrant_margin(position, world.cfg.size) >= world.cfg.radius:
@@ -799,7 +806,7 @@ def caption(colours: Sequence[str], has_bar: bool) -> str:
     return f"{listed[0].upper()}{listed[1:]}, {'with' if has_bar else 'without'} a grey bar."
 
 
-def _perception_caption(world: _World, rng: np.random.Generator) -> QuestionPlan:
+def _perception_caption(world: World, rng: np.random.Generator) -> QuestionPlan:
     """A 2x2 design (true/swapped colours x true/toggled bar): every attribute value appears in exactly two options,
     so neither option statistics nor option length point at the answer."""
     colours, has_bar = list(world.scene.colours), world.scene.occluder is not None
@@ -812,7 +819,7 @@ def _perception_caption(world: _World, rng: np.random.Generator) -> QuestionPlan
                         correct=0, thought=None)
 
 
-def perception_plans(world: _World, rng: np.random.Generator) -> list[QuestionPlan]:
+def perception_plans(world: World, rng: np.random.Generator) -> list[QuestionPlan]:
     plans = [
         _perception_colour_in_quadrant(world, rng, "first"),
         _perception_colour_in_quadrant(world, rng, "last"),
@@ -843,7 +850,7 @@ def _rng(cfg: SynthConfig, split: str, index: int, stream: int) -> np.random.Gen
     return np.random.default_rng([cfg.seed, _SPLIT_CODES[split], index, stream])
 
 
-def _event_json(world: _World, event: Event) -> dict[str, Any]:
+def _event_json(world: World, event: Event) -> dict[str, Any]:
     record: dict[str, Any] = {"t": round(event.time, 4), "kind": event.kind, "ball": world.colour(event.ball)}
     if event.kind == "wall":
         record["wall"] = event.wall

@@ -14,8 +14,9 @@ rollout feeds into slot k -- so both modes align the same quantity.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
@@ -171,22 +172,29 @@ class STORMSModel(nn.Module):
             first = P - 1 if num_latents == 0 else S0
             answer_hidden_BTD = hidden_BLD[:, first:-1]
         elif mode == "rollout":
-            cache = self.new_cache()
-            hidden_BPD = self.decoder(embeds_BLD[:, :P], pos_3BL[:, :, :P], attention_mask[:, :P], cache,
-                                      visual=visual, video_mask_BT=video_mask_BL[:, :P])
-            latent = hidden_BPD[:, -1:]  # left padding: every row's <|latent_start|> is column P-1
-            latents = []
-            for k in range(num_latents):
-                latents.append(latent)
-                col = P + k
-                latent = self.decoder(latent, pos_3BL[:, :, col : col + 1], attention_mask[:, : col + 1], cache)
-            latents_BKD = torch.cat(latents, dim=1)
-            hidden_BSD = self.decoder(embeds_BLD[:, S0:], pos_3BL[:, :, S0:], attention_mask, cache)
-            answer_hidden_BTD = hidden_BSD[:, :-1]
-            first = S0
+            with self.decoder_checkpointing_off():
+                return self._rollout(batch, layout, embeds_BLD, pos_3BL, visual, video_mask_BL, targets_BKD)
         else:
             raise ValueError(f"unknown forward mode {mode!r}")
+        return self._loss(batch, answer_hidden_BTD, first, latents_BKD, targets_BKD)
 
+    def _rollout(self, batch, layout, embeds_BLD, pos_3BL, visual, video_mask_BL, targets_BKD) -> STORMSOutput:
+        attention_mask = batch["attention_mask"]
+        P, S0 = layout.prefix_len, layout.suffix_start
+        cache = self.new_cache()
+        hidden_BPD = self.decoder(embeds_BLD[:, :P], pos_3BL[:, :, :P], attention_mask[:, :P], cache,
+                                  visual=visual, video_mask_BT=video_mask_BL[:, :P])
+        latent = hidden_BPD[:, -1:]  # left padding: every row's <|latent_start|> is column P-1
+        latents = []
+        for col in range(P, S0):
+            latents.append(latent)
+            latent = self.decoder(latent, pos_3BL[:, :, col : col + 1], attention_mask[:, : col + 1], cache)
+        hidden_BSD = self.decoder(embeds_BLD[:, S0:], pos_3BL[:, :, S0:], attention_mask, cache)
+        return self._loss(batch, hidden_BSD[:, :-1], S0, torch.cat(latents, dim=1), targets_BKD)
+
+    def _loss(self, batch, answer_hidden_BTD, first, latents_BKD, targets_BKD) -> STORMSOutput:
+        """Answer CE on the supervised columns (hidden column ``first + t`` predicts label column ``first + t + 1``)
+        plus lambda * alignment of the K latent states when targets are given."""
         labels_BT = batch["labels"][:, first + 1 :]
         ce, num_answer_tokens = self._answer_ce(answer_hidden_BTD, labels_BT)
         align = None
@@ -196,6 +204,18 @@ class STORMSModel(nn.Module):
             loss = ce + self.align_weight * align
         return STORMSOutput(loss, ce.detach(), None if align is None else align.detach(), num_answer_tokens,
                             None if latents_BKD is None else latents_BKD)
+
+    @contextmanager
+    def decoder_checkpointing_off(self) -> Iterator[None]:
+        """HF layer checkpointing drops ``past_key_values``; the rollout's KV cache must survive every pass."""
+        layers = [m for m in self.backbone.model.language_model.modules() if getattr(m, "gradient_checkpointing", False)]
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.gradient_checkpointing = True
 
     def _answer_ce(self, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
         # project only the supervised columns onto the vocabulary: the LM head is the widest matmul here

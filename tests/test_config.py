@@ -1,0 +1,282 @@
+"""The config loader: YAML + dotted overrides -> RunConfig, with one-line errors that name the key and the choices."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storms_dist.config import ConfigError, dump, from_dict, load_config, parse_override, to_dict
+from storms_dist.run_config import RunConfig
+from storms_dist.train.trainer import StageConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def load(*overrides: str, path=None) -> RunConfig:
+    return load_config(RunConfig, path, list(overrides))
+
+
+def config_error(*overrides: str, path=None) -> str:
+    """Load and return the ConfigError message; it must be one line."""
+    with pytest.raises(ConfigError) as info:
+        load(*overrides, path=path)
+    message = str(info.value)
+    assert message and "\n" not in message, message
+    return message
+
+
+# ---- unknown keys ----
+def test_unknown_top_level_key_lists_valid_top_level_keys():
+    message = config_error("foo=1")
+    assert "'foo'" in message
+    for key in ("name", "runs_dir", "seed", "model", "optim", "stage0", "stage2", "demo"):
+        assert key in message
+    with pytest.raises(ConfigError, match=r"unknown key 'bogus'"):
+        from_dict(RunConfig, {"bogus": {"a": 1}})
+
+
+def test_unknown_nested_key_lists_that_sections_keys():
+    message = config_error("model.foo=1")
+    assert "'model.foo'" in message and "valid keys in model" in message
+    valid = message.split("valid keys in model:")[1]
+    assert [k.strip() for k in valid.split(",")] == [
+        "backbone", "init_from", "num_latents", "max_latents", "align_loss", "align_weight",
+        "attn_implementation", "activation_checkpointing", "dtype"]
+    # two levels deep: the prefix is the full dotted path and the listed keys are TrainableConfig's
+    message = config_error("stage0.trainable.foo=1")
+    assert "'stage0.trainable.foo'" in message and "valid keys in stage0.trainable" in message
+    assert "vision_lr_scale" in message and "num_steps" not in message
+
+
+# ---- types ----
+@pytest.mark.parametrize("override, key, expected", [
+    ("seed=abc", "seed", "expected int"),
+    ("seed=1.5", "seed", "expected int"),
+    ("seed=true", "seed", "expected int"),  # a bool is not an int
+    ("optim.lr=abc", "optim.lr", "expected float"),
+    ("name=true", "name", "expected str"),
+    ("model.activation_checkpointing=maybe", "model.activation_checkpointing", "expected bool"),
+    ("model.activation_checkpointing=1", "model.activation_checkpointing", "expected bool"),
+    ("model=3", "model", "expected a mapping"),
+    ("demo.seeds=3", "demo.seeds", "expected a list"),
+    ("demo.seeds=[0,x]", "demo.seeds[1]", "expected int"),
+    ("eval.limit=abc", "eval.limit", "expected int"),
+])
+def test_wrong_type_names_key_and_expected_type(override, key, expected):
+    message = config_error(override)
+    assert message.startswith(f"{key}:"), message
+    assert expected in message
+
+
+def test_yaml_booleans_and_quoted_strings():
+    # YAML 1.1 (PyYAML): unquoted yes/no/on/off are booleans, so these are accepted ...
+    assert load("model.activation_checkpointing=yes").model.activation_checkpointing is True
+    assert load("model.activation_checkpointing=off").model.activation_checkpointing is False
+    assert load("tracking.enabled=false").tracking.enabled is False
+    # ... but a quoted string is a string, never coerced to a bool
+    with pytest.raises(ConfigError, match=r"^model\.activation_checkpointing: expected bool .*'yes'"):
+        from_dict(RunConfig, {"model": {"activation_checkpointing": "yes"}})
+    # integral floats are accepted for ints and become ints
+    seed = load("seed=3.0").seed
+    assert seed == 3 and type(seed) is int
+
+
+def test_invalid_literal_lists_choices():
+    message = config_error("model.align_loss=l1")
+    assert message.startswith("model.align_loss:") and "'l1'" in message
+    assert "'mse'" in message and "'cosine'" in message
+    message = config_error("deepspeed.zero_stage=4")
+    assert message.startswith("deepspeed.zero_stage:") and "0, 1, 2, 3" in message
+    message = config_error("launcher=slurm")
+    assert "'inprocess'" in message and "'torchrun'" in message
+
+
+def test_literal_int_choice_rejects_bool_and_float():
+    """BUG: the Literal check is ``value in choices`` (equality), so True == 1 and 1.0 == 1 pass validation and
+    the config keeps ``zero_stage=True`` / ``1.0`` (written as-is into the DeepSpeed JSON)."""
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
+        load("deepspeed.zero_stage=true")
+    stage = load("deepspeed.zero_stage=1.0").deepspeed.zero_stage  # either rejected or normalised to int 1
+    assert stage == 1 and type(stage) is int
+
+
+def test_fixed_length_tuple_is_enforced():
+    """BUG: ``tuple[float, float]`` is coerced as a variable-length tuple of its first arg, so ``optim.betas=[0.8]``
+    loads as ``(0.8,)`` (AdamW fails much later with an IndexError) and 3-element betas load too."""
+    assert load("optim.betas=[0.8, 0.95]").optim.betas == (0.8, 0.95)
+    with pytest.raises(ConfigError, match="optim.betas"):
+        load("optim.betas=[0.8]")
+    with pytest.raises(ConfigError, match="optim.betas"):
+        load("optim.betas=[0.8, 0.9, 0.99]")
+
+
+# ---- files ----
+def test_missing_config_file_names_path(tmp_path):
+    path = tmp_path / "nope" / "missing.yaml"
+    message = config_error(path=path)
+    assert str(path) in message and "does not exist" in message
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmodel:\n  num_latents: 3\n  backbone: [unclosed\n  dtype: auto\n")
+    message = config_error(path=path)
+    assert str(path) in message and "line 5" in message and "not valid YAML" in message
+    path.write_text("name: x\n  seed: 3\n")
+    assert "line 2" in config_error(path=path)
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    assert "expected a mapping" in config_error(path=path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    assert load(path=empty) == RunConfig()
+
+
+# ---- overrides ----
+@pytest.mark.parametrize("text", ["model.num_latents", "seed", ""])
+def test_override_without_equals(text):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE") as info:
+        parse_override(text)
+    assert repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["=3", ".a=3", "model..num_latents=3", "model.=3"])
+def test_override_malformed_key(text):
+    with pytest.raises(ConfigError, match="malformed key"):
+        parse_override(text)
+
+
+def test_override_values_are_yaml():
+    assert parse_override("demo.seeds=[0,1]") == (["demo", "seeds"], [0, 1])
+    assert parse_override("model.num_latents=4") == (["model", "num_latents"], 4)
+    assert parse_override("stage1.lr=null") == (["stage1", "lr"], None)
+    assert parse_override("name=a=b") == (["name"], "a=b")  # only the first '=' splits
+    assert parse_override("name=") == (["name"], "")
+    cfg = load("optim.lr=3e-4", "stage1.lr=2.5e-3", "demo.seeds=[0,1]", "model.num_latents=4",
+               "data.frames.fps=null", "data.frames.num_frames=8", "synth.qtypes=[count, order]")
+    assert cfg.optim.lr == pytest.approx(3e-4) and type(cfg.optim.lr) is float
+    assert cfg.stage1.lr == pytest.approx(2.5e-3) and type(cfg.stage1.lr) is float
+    assert cfg.demo.seeds == (0, 1)
+    assert cfg.model.num_latents == 4
+    assert cfg.data.frames.fps is None and cfg.data.frames.num_frames == 8
+    assert cfg.synth.qtypes == ("count", "order")
+
+
+def test_overrides_apply_on_top_of_file_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\nmodel: {num_latents: 2, max_latents: 4}\n")
+    cfg = load("seed=5", "model.num_latents=3", "seed=7", path=path)
+    assert cfg.seed == 7 and cfg.model.num_latents == 3 and cfg.model.max_latents == 4
+
+
+def test_override_into_scalar_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {num_latents: 2}\n")
+    message = config_error("model.num_latents.x=3", path=path)
+    assert "model.num_latents" in message
+
+
+# ---- __post_init__ validation ----
+@pytest.mark.parametrize("overrides, prefix, words", [
+    (["stage1.num_steps=0"], "stage1: ", "num_steps"),
+    (["model.num_latents=17"], "model: ", "max_latents"),
+    (["model.max_latents=4", "model.num_latents=5"], "model: ", "(4)"),
+    (["optim.lr=0"], "optim: ", "lr"),
+    (["nproc=0"], "", "nproc"),
+    (["demo.methods=[foo]"], "demo: ", "valid choices: sft_k0"),
+    (["synth.size=100"], "synth: ", "multiple of 28"),
+    (["data.min_pixels=99999"], "data: ", "min_pixels"),
+    (["stage2.trainable.vision=false", "stage2.trainable.merger=false", "stage2.trainable.embed=false",
+      "stage2.trainable.lm=false"], "stage2.trainable: ", "at least one"),
+])
+def test_post_init_errors_carry_section_prefix(overrides, prefix, words):
+    message = config_error(*overrides)
+    assert message.startswith(prefix), message
+    assert words in message
+
+
+def test_valid_nested_post_init_passes():
+    cfg = load("model.max_latents=4", "model.num_latents=4")
+    assert (cfg.model.num_latents, cfg.model.max_latents) == (4, 4)
+
+
+# ---- partial sections merge onto the owner's default ----
+def test_partial_section_keeps_owner_defaults():
+    plain = StageConfig()
+    assert plain.split == "train" and plain.trainable.vision is False  # the class defaults differ from stage0's
+    cfg = from_dict(RunConfig, {"stage0": {"num_steps": 5}})
+    assert cfg.stage0.num_steps == 5
+    assert cfg.stage0.split == "perception" and cfg.stage0.trainable.vision is True
+    assert cfg.stage0.num_latents == 0 and cfg.stage0.lr == pytest.approx(1e-3) and cfg.stage0.mode == "single"
+    # nested-nested partial: only embed changes, vision stays stage0's True
+    cfg = from_dict(RunConfig, {"stage0": {"trainable": {"embed": False}}})
+    assert cfg.stage0.trainable.embed is False and cfg.stage0.trainable.vision is True
+    assert cfg.stage0.trainable.vision_lr_scale == 1.0 and cfg.stage0.split == "perception"
+    # stage1's owner default has align=True; a partial stage1 keeps it
+    assert load("stage1.num_steps=3").stage1.align is True
+    # DataConfig's frames default has fps=None (FrameSamplingConfig's class default is 2.0)
+    frames = load("data.frames.num_frames=8").data.frames
+    assert frames.fps is None and frames.num_frames == 8 and frames.max_frames == 16
+    assert load().stage0 == RunConfig().stage0
+
+
+# ---- round trip and shipped files ----
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_dump_load_round_trip(tmp_path, suffix):
+    cfg = load("demo.seeds=[0,3]", "optim.betas=[0.8, 0.95]", "model.num_latents=3", "stage1.lr=2e-4",
+               "data.frames.fps=null", "tracking.tracking_uri=file:///tmp/x", "model.init_from=/some/export",
+               path=REPO / "configs/demo/synth_quick.yaml")
+    out = tmp_path / f"sub/config{suffix}"
+    dump(cfg, out)
+    again = load_config(RunConfig, out)
+    assert again == cfg
+    assert to_dict(again) == to_dict(cfg)
+    assert again != RunConfig()
+
+
+def test_shipped_configs_exist():
+    names = {p.relative_to(REPO / "configs").as_posix() for p in SHIPPED}
+    assert {"demo/synth_tiny.yaml", "demo/synth_quick.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.relative_to(REPO).as_posix() for p in SHIPPED])
+def test_shipped_configs_load(path):
+    cfg = load_config(RunConfig, path)
+    assert isinstance(cfg, RunConfig)
+    # the file's values actually land (the file is not ignored)
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.name == raw["name"]
+    if "model" in raw:
+        assert cfg.model.backbone == raw["model"].get("backbone", cfg.model.backbone)
+        assert cfg.model.num_latents == raw["model"].get("num_latents", cfg.model.num_latents)
+
+
+def test_quick_config_values():
+    cfg = load_config(RunConfig, REPO / "configs/demo/synth_quick.yaml")
+    assert cfg.name == "demo_quick" and cfg.model.backbone == "qwen2_5_vl-micro" and cfg.model.num_latents == 4
+    assert cfg.data.frames.num_frames == 8 and cfg.data.frames.fps is None  # partial frames merged onto data's default
+    assert cfg.stage0.num_steps == 4 and cfg.stage0.split == "perception" and cfg.stage0.trainable.vision is True
+    assert cfg.stage1.align is True and cfg.stage2.mode == "rollout"
+    assert cfg.optim.lr == pytest.approx(1e-3)
+
+
+# ---- CLI ----
+def test_cli_config_error_is_one_stderr_line_exit_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "storms_dist", "train", "configs/demo/synth_quick.yaml", "--stage", "0", "model.foo=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "model.foo" in lines[0] and "valid keys in model" in lines[0]
+    assert result.stdout == ""
