@@ -13,6 +13,7 @@ import pytest
 from storms_dist.data.manifest import read_manifest
 from storms_dist.data.synth import (
     PALETTE,
+    PERCEPTION_VARIANTS,
     QTYPES,
     QUADRANTS,
     STAMP_NAME,
@@ -229,8 +230,7 @@ def test_perception_manifests(dataset: tuple[SynthConfig, Path]) -> None:
         videos = {s.video for s in read_manifest(out_dir / f"{split}.jsonl")}
         perception = read_manifest(out_dir / f"perception_{split}.jsonl")
         assert len(perception) >= 4 * cfg.num_videos(split)
-        assert {s.qtype for s in perception} == {"perception_colour_in_quadrant", "perception_extreme",
-                                                 "perception_num_balls", "perception_position", "perception_caption"}
+        assert {s.qtype for s in perception} == {f"perception_{v}" for v in PERCEPTION_VARIANTS}
         assert all(s.thought_video is None and s.video in videos and s.split == split for s in perception)
     for sample in read_manifest(out_dir / "perception_train.jsonl"):
         if sample.qtype == "perception_caption":  # 2x2 design: no attribute singles out the answer

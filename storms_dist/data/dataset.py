@@ -34,7 +34,7 @@ class DataConfig:
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 112 * 112
     cache_decoded: bool = True
-    """Keep preprocessed videos in memory (small synthetic sets: every epoch after the first skips decoding)."""
+    """Keep preprocessed videos and prompts in memory (small synthetic sets: epochs after the first skip decoding)."""
 
     def __post_init__(self):
         if self.min_pixels > self.max_pixels:
@@ -83,7 +83,8 @@ class VideoQADataset(torch.utils.data.Dataset):
     def __init__(self, samples: Sequence[Sample], tokenizer, spec: VisionSpec, cfg: DataConfig):
         self.samples = list(samples)
         self.tokenizer, self.spec, self.cfg = tokenizer, spec, cfg
-        self._video_cache: dict[Path, VideoInputs] = {}
+        self._video_cache: dict[Path, VideoInputs] = {}  # several questions can share one video
+        self._item_cache: dict[int, Item] = {}
 
     @classmethod
     def from_split(cls, split: str, tokenizer, spec: VisionSpec, cfg: DataConfig) -> "VideoQADataset":
@@ -100,13 +101,18 @@ class VideoQADataset(torch.utils.data.Dataset):
         return self._video_cache[path]
 
     def __getitem__(self, index: int) -> Item:
+        if self.cfg.cache_decoded and index in self._item_cache:
+            return self._item_cache[index]
         sample = self.samples[index]
         video = self.video(sample.video_path)
         prompt = build_prompt(self.tokenizer, self.spec.family, question=sample.question, options=sample.options,
                               video_grid_thw=video.video_grid_thw, timestamps_s=video.timestamps_s,
                               merge_size=self.spec.merge_size, temporal_patch_size=self.spec.temporal_patch_size)
-        return Item(sample, prompt.input_ids, prompt.mm_token_type_ids,
-                    answer_tokens(self.tokenizer, sample.answer), video)
+        item = Item(sample, prompt.input_ids, prompt.mm_token_type_ids, answer_tokens(self.tokenizer, sample.answer),
+                    video)
+        if self.cfg.cache_decoded:
+            self._item_cache[index] = item
+        return item
 
 
 @dataclass

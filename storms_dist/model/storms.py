@@ -21,6 +21,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.utils import ModelOutput
 
 from storms_dist.model.latent import (
     IGNORE_INDEX,
@@ -44,11 +45,13 @@ class VisualFeatures:
 
 
 @dataclass
-class STORMSOutput:
-    loss: torch.Tensor
-    ce: torch.Tensor
-    align: torch.Tensor | None
-    num_answer_tokens: int
+class STORMSOutput(ModelOutput):
+    """A ModelOutput (an ordered dict) so DeepSpeed's ZeRO-3 module hooks see the tensors it returns."""
+
+    loss: torch.Tensor | None = None
+    ce: torch.Tensor | None = None
+    align: torch.Tensor | None = None
+    num_answer_tokens: int | None = None
     latents_BKD: torch.Tensor | None = None
 
 
@@ -202,8 +205,8 @@ class STORMSModel(nn.Module):
         if targets_BKD is not None:
             align = alignment_loss(latents_BKD, targets_BKD, self.align_loss)
             loss = ce + self.align_weight * align
-        return STORMSOutput(loss, ce.detach(), None if align is None else align.detach(), num_answer_tokens,
-                            None if latents_BKD is None else latents_BKD)
+        return STORMSOutput(loss=loss, ce=ce.detach(), align=None if align is None else align.detach(),
+                            num_answer_tokens=num_answer_tokens, latents_BKD=latents_BKD)
 
     @contextmanager
     def decoder_checkpointing_off(self) -> Iterator[None]:

@@ -1,0 +1,245 @@
+"""Thought-video targets on real synthetic thought videos: content, stamp, cache reuse and invalidation."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from storms_dist.data.dataset import DataConfig, load_video_inputs
+from storms_dist.data.manifest import read_manifest
+from storms_dist.data.preprocess import VisionSpec
+from storms_dist.data.sampling import FrameSamplingConfig
+from storms_dist.data.synth import SynthConfig, generate
+from storms_dist.model.build import ModelConfig, build_model
+from storms_dist.targets import (
+    STAMP_FILE,
+    TargetsConfig,
+    TargetStore,
+    build_targets,
+    is_current,
+    target_stamp,
+    vision_fingerprint,
+)
+
+K = 3
+TOKENS_PER_VIDEO = 16  # 8 frames / temporal patch 2 = 4, x 56x56 / 14^2 = 16 patches / 2x2 merge = 4 -> 16
+GROUPS = [(0, 6), (6, 11), (11, 16)]  # 16 % 3 = 1: the first group takes the extra token
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "data"
+    paths = generate(SynthConfig(num_train=8, num_val=0, num_test=0, size=56, workers=1), root)
+    samples = read_manifest(paths["train"])
+    assert len(samples) == 8 and all(s.thought_path.is_file() for s in samples)
+    return samples
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_model(ModelConfig(backbone="qwen2_5_vl-micro", dtype="float32", attn_implementation="sdpa"),
+                       tokenizer, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def spec(model) -> VisionSpec:
+    return VisionSpec.from_hf_config(model.backbone.config)
+
+
+def data_cfg(num_frames: int = 8, max_pixels: int = 3136) -> DataConfig:
+    return DataConfig(frames=FrameSamplingConfig(fps=None, num_frames=num_frames, min_frames=4, max_frames=8),
+                      min_pixels=3136, max_pixels=max_pixels)
+
+
+def shard_state(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(directory.glob("shard-*.safetensors"))}
+
+
+def reference_targets(model, spec, cfg: DataConfig, sample, groups) -> torch.Tensor:
+    """One thought video alone through the vision encoder + merger, then hand-sliced group means."""
+    video = load_video_inputs(sample.thought_path, spec, cfg)
+    with torch.no_grad():
+        tokens = model.encode_video(video.pixel_values_videos, video.video_grid_thw[None]).embeds_ND.float()
+    assert tokens.shape[0] == groups[-1][1]
+    return torch.stack([tokens[a:b].mean(0) for a, b in groups])
+
+
+def test_targets_content_shape_and_stamp(tmp_path, model, spec, samples):
+    cfg = data_cfg()
+    out = tmp_path / "targets"
+    store = build_targets(model, samples, spec, cfg, out, num_latents=K, cfg=TargetsConfig(batch_size=3, shard_size=4))
+    assert isinstance(store, TargetStore) and len(store) == 8
+    D = model.text_config.hidden_size
+    uids = [s.uid for s in samples]
+    batch = store[uids[:5]]
+    assert batch.shape == (5, K, D) and batch.dtype == torch.float32
+    assert torch.isfinite(batch).all()
+    # different thought videos give different targets; the K groups of one video differ from each other
+    assert not torch.allclose(batch[0], batch[1])
+    assert not torch.allclose(batch[0, 0], batch[0, 1])
+    # batched (3 videos per vision call) equals each video encoded alone and pooled by hand
+    for index in (0, 4, 7):
+        expected = reference_targets(model, spec, cfg, samples[index], GROUPS)
+        torch.testing.assert_close(store[[uids[index]]][0], expected, rtol=1e-4, atol=1e-5)
+    # stamped with everything that determines the content; no half-written folder left behind
+    stamp = json.loads((out / STAMP_FILE).read_text())
+    assert stamp == target_stamp(model, K, cfg, samples) == store.stamp
+    assert stamp["num_latents"] == K and stamp["backbone"] == "qwen2_5_vl-micro" and stamp["num_samples"] == 8
+    assert stamp["vision_fingerprint"] == vision_fingerprint(model)
+    assert stamp["frames"]["num_frames"] == 8 and stamp["max_pixels"] == 3136
+    assert is_current(out, stamp)
+    assert not (tmp_path / "targets.tmp").exists()
+    # several shards (shard_size 4), each uid stored once, reread from disk equals the returned store
+    assert len(shard_state(out)) >= 2
+    reread = TargetStore(out)
+    assert len(reread) == 8 and torch.equal(reread[uids], store[uids])
+
+
+def test_second_call_reuses_cache(tmp_path, model, spec, samples, monkeypatch):
+    cfg, out = data_cfg(), tmp_path / "targets"
+    first = build_targets(model, samples, spec, cfg, out, num_latents=K)
+    before = shard_state(out)
+    stamp_mtime = (out / STAMP_FILE).stat().st_mtime_ns
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a current cache must not re-encode thought videos")
+
+    monkeypatch.setattr(model, "encode_video", no_encoding)
+    # an identical copy of the model (as when the pipeline reloads the same export) is the same cache
+    twin = copy.deepcopy(model)
+    monkeypatch.setattr(twin, "encode_video", no_encoding)
+    for m in (model, twin):
+        again = build_targets(m, samples, spec, data_cfg(), out, num_latents=K)
+        assert shard_state(out) == before and (out / STAMP_FILE).stat().st_mtime_ns == stamp_mtime
+        uids = [s.uid for s in samples]
+        assert torch.equal(again[uids], first[uids])
+
+
+def rebuilt(model, spec, samples, out, cfg, num_latents) -> tuple[dict, dict]:
+    old_stamp = json.loads((out / STAMP_FILE).read_text())
+    build_targets(model, samples, spec, cfg, out, num_latents=num_latents)
+    new_stamp = json.loads((out / STAMP_FILE).read_text())
+    return old_stamp, new_stamp
+
+
+def test_changing_k_rebuilds(tmp_path, model, spec, samples):
+    cfg, out = data_cfg(), tmp_path / "targets"
+    uids = [s.uid for s in samples]
+    old = build_targets(model, samples, spec, cfg, out, num_latents=K)[uids]
+    old_stamp, new_stamp = rebuilt(model, spec, samples, out, cfg, 4)
+    assert old_stamp["num_latents"] == K and new_stamp["num_latents"] == 4
+    new = TargetStore(out)[uids]
+    assert old.shape[1] == K and new.shape[1] == 4
+    torch.testing.assert_close(new[2], reference_targets(model, spec, cfg, samples[2], [(0, 4), (4, 8), (8, 12),
+                                                                                            (12, 16)]),
+                               rtol=1e-4, atol=1e-5)
+    # back to K: rebuilt again, same content as the first build
+    build_targets(model, samples, spec, cfg, out, num_latents=K)
+    torch.testing.assert_close(TargetStore(out)[uids], old)
+
+
+def test_changing_vision_weight_rebuilds(tmp_path, model, spec, samples):
+    cfg, out = data_cfg(), tmp_path / "targets"
+    uids = [s.uid for s in samples]
+    old = build_targets(model, samples, spec, cfg, out, num_latents=K)[uids]
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.backbone.model.visual.blocks[0].mlp.up_proj.weight.mul_(1.5)
+    assert vision_fingerprint(changed) != vision_fingerprint(model)
+    old_stamp, new_stamp = rebuilt(changed, spec, samples, out, cfg, K)
+    assert old_stamp["vision_fingerprint"] != new_stamp["vision_fingerprint"] == vision_fingerprint(changed)
+    new = TargetStore(out)[uids]
+    assert not torch.allclose(new, old)
+    torch.testing.assert_close(new[1], reference_targets(changed, spec, cfg, samples[1], GROUPS), rtol=1e-4, atol=1e-5)
+
+
+def test_changing_merger_weight_changes_fingerprint(model):
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.backbone.model.visual.merger.parameters()).add_(0.01)
+    assert vision_fingerprint(changed) != vision_fingerprint(model)
+
+
+@pytest.mark.parametrize("changed_cfg, key", [
+    (lambda: data_cfg(num_frames=4), "frames"),
+    (lambda: data_cfg(max_pixels=2 * 3136), "max_pixels"),
+])
+def test_changing_frame_settings_rebuilds(tmp_path, model, spec, samples, changed_cfg, key):
+    out = tmp_path / "targets"
+    uids = [s.uid for s in samples]
+    old = build_targets(model, samples, spec, data_cfg(), out, num_latents=K)[uids]
+    cfg = changed_cfg()
+    old_stamp, new_stamp = rebuilt(model, spec, samples, out, cfg, K)
+    assert old_stamp[key] != new_stamp[key]
+    assert {k for k in old_stamp if old_stamp[k] != new_stamp[k]} == {key}
+    new = TargetStore(out)[uids]
+    assert new.shape == old.shape and not torch.allclose(new, old)
+    if key == "frames":  # 4 frames -> 2 temporal patches -> 8 tokens, groups 3, 3, 2
+        torch.testing.assert_close(new[5], reference_targets(model, spec, cfg, samples[5], [(0, 3), (3, 6), (6, 8)]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_lm_only_weight_keeps_fingerprint_and_cache(tmp_path, model, spec, samples, monkeypatch):
+    cfg, out = data_cfg(), tmp_path / "targets"
+    build_targets(model, samples, spec, cfg, out, num_latents=K)
+    before = shard_state(out)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.backbone.model.language_model.layers[0].mlp.up_proj.weight.mul_(2.0)
+        changed.backbone.model.language_model.norm.weight.add_(1.0)
+        changed.backbone.get_input_embeddings().weight[:10].add_(1.0)  # embed group, tied with lm_head
+    assert vision_fingerprint(changed) == vision_fingerprint(model)
+    monkeypatch.setattr(changed, "encode_video", lambda *a, **k: pytest.fail("cache should have been reused"))
+    build_targets(changed, samples, spec, cfg, out, num_latents=K)
+    assert shard_state(out) == before
+
+
+def test_changed_sample_set_or_tampered_stamp_rebuilds(tmp_path, model, spec, samples):
+    cfg, out = data_cfg(), tmp_path / "targets"
+    build_targets(model, samples, spec, cfg, out, num_latents=K)
+    store = build_targets(model, samples[:5], spec, cfg, out, num_latents=K)
+    assert len(store) == 5 and store.stamp["num_samples"] == 5
+    with pytest.raises(KeyError):
+        store[[samples[6].uid]]
+    stamp_path = out / STAMP_FILE
+    stamp = json.loads(stamp_path.read_text())
+    stamp_path.write_text(json.dumps({**stamp, "vision_fingerprint": "0" * 16}))
+    assert not is_current(out, target_stamp(model, K, cfg, samples[:5]))
+    build_targets(model, samples[:5], spec, cfg, out, num_latents=K)
+    assert json.loads(stamp_path.read_text()) == stamp
+
+
+def test_missing_uid_raises_key_error_naming_folder(tmp_path, model, spec, samples):
+    out = tmp_path / "my_targets"
+    store = build_targets(model, samples, spec, data_cfg(), out, num_latents=K)
+    with pytest.raises(KeyError) as info:
+        store[[samples[0].uid, "no-such-uid"]]
+    message = str(info.value)
+    assert str(out) in message and "no-such-uid" in message and samples[0].uid not in message
+
+
+def test_samples_without_thought_videos(tmp_path, model, spec, samples):
+    no_thought = [dataclasses.replace(s, thought_video=None) for s in samples]
+    with pytest.raises(ValueError, match="thought_video"):
+        build_targets(model, no_thought, spec, data_cfg(), tmp_path / "targets", num_latents=K)
+    assert not (tmp_path / "targets").exists()
+    with pytest.raises(ValueError, match="thought_video"):
+        build_targets(model, [], spec, data_cfg(), tmp_path / "targets", num_latents=K)
+    # a mixed set: only the samples that have a thought video get targets
+    mixed = [s if i % 2 == 0 else no_thought[i] for i, s in enumerate(samples)]
+    store = build_targets(model, mixed, spec, data_cfg(), tmp_path / "mixed", num_latents=K)
+    assert len(store) == 4 and store.stamp["num_samples"] == 4
+    assert store[[samples[2].uid]].shape == (1, K, model.text_config.hidden_size)
+    with pytest.raises(KeyError):
+        store[[samples[1].uid]]
+
+
+def test_k_larger_than_visual_tokens_raises(tmp_path, model, spec, samples):
+    with pytest.raises(ValueError, match=f"cannot pool {TOKENS_PER_VIDEO} visual tokens into 17 groups"):
+        build_targets(model, samples[:2], spec, data_cfg(), tmp_path / "targets", num_latents=17)
+    assert not (tmp_path / "targets" / STAMP_FILE).exists()
