@@ -43,7 +43,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt | $(PY)
 	@$(PY) -c "import torch; v = torch.__version__; assert v.startswith('$(TORCH_VERSION)'), f'torch {v} installed, expected $(TORCH_VERSION)'; print(f'torch {v}, cuda available: {torch.cuda.is_available()}')"
 	@touch $@
 
-install: ## (re)install the project into .venv (runs only when setup.cfg, pyproject.toml or constraints.txt changed)
+install: ## force the install step (normally it runs only when setup.cfg, pyproject.toml or constraints.txt changed)
 	@rm -f $(STAMP)
 	@$(MAKE) --no-print-directory $(STAMP)
 

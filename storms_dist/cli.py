@@ -84,11 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_config_path(path: str | None) -> str | None:
+    """Config paths are relative to the working directory, else to the project (``configs/...`` from anywhere)."""
+    if path is None or Path(path).exists() or not (PROJECT_ROOT / path).exists():
+        return path
+    return str(PROJECT_ROOT / path)
+
+
 def load_run_config(path: str | None, overrides: list[str]):
     from storms_dist.config import load_config
     from storms_dist.run_config import RunConfig
 
-    return load_config(RunConfig, path, overrides)
+    return load_config(RunConfig, resolve_config_path(path), overrides)
 
 
 def cmd_demo(args) -> int:
@@ -172,7 +182,7 @@ def cmd_eval(args) -> int:
 def cmd_infer(args) -> int:
     from storms_dist.eval.evaluate import answer_one
 
-    cfg = load_run_config(args.config, [])
+    cfg = load_run_config(args.config, args.overrides)
     result = answer_one(args.model, args.video, args.question, args.options, data_cfg=cfg.data,
                         num_latents=args.num_latents)
     print(f"answer: {result['answer']}  (raw {result['raw']!r}, K={result['num_latents']}, "
@@ -200,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [config, *extra]
         args.config = DEFAULT_CONFIG
     from storms_dist.config import ConfigError
+    from storms_dist.data.manifest import ManifestError
+    from storms_dist.data.video_io import VideoDecodeError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ManifestError, VideoDecodeError) as e:
         print(f"storms {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -121,8 +121,13 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        where = f"{prefix}: " if prefix else ""
-        raise ConfigError(f"{where}{e}") from None
+        message = str(e)
+        field_name, sep, rest = message.partition(":")
+        if prefix and sep and field_name in fields:  # "backbone: ..." from section "model" -> "model.backbone: ..."
+            message = f"{prefix}.{field_name}:{rest}"
+        elif prefix:
+            message = f"{prefix}: {message}"
+        raise ConfigError(message) from None
 
 
 def _field_default(f: dataclasses.Field) -> Any:

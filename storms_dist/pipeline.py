@@ -105,10 +105,28 @@ def with_seed(cfg: RunConfig, seed: int) -> RunConfig:
     return from_dict(RunConfig, {**to_dict(cfg), "seed": seed})
 
 
+# ---- eval ----
+def run_eval(tracker, export_dir: str, cfg: RunConfig, out_dir: Path, *, name: str, parent_run_id: str | None,
+             tags: dict, progress: bool = True) -> dict:
+    """Evaluate an export and record it as an MLflow run: accuracy overall / per type, latency, predictions."""
+    from storms_dist.eval.evaluate import evaluate
+
+    with tracker.run(name, parent_run_id=parent_run_id, tags={"split": cfg.eval.split, **tags}):
+        metrics = evaluate(export_dir, cfg.data, cfg.eval, out_dir, progress=progress)
+        tracker.log_params({"export": export_dir, "num_latents": metrics["num_latents"], "split": cfg.eval.split})
+        flat = {"accuracy": metrics["overall"]["accuracy"],
+                **{f"accuracy.{q}": v["accuracy"] for q, v in metrics["by_type"].items()}}
+        if metrics["latency_ms_per_item"] is not None:
+            flat["latency_ms_per_item"] = metrics["latency_ms_per_item"]
+        tracker.log_metrics(flat, step=0)
+        tracker.log_artifact(out_dir / "metrics.json")
+        tracker.log_artifact(out_dir / "predictions.jsonl")
+    return metrics
+
+
 # ---- the demo ----
 def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
-    from storms_dist.eval.evaluate import evaluate
-    from storms_dist.eval.report import write_report, print_table
+    from storms_dist.eval.report import print_table, write_report
     from storms_dist.tracking import Tracker
 
     started = time.time()
@@ -130,7 +148,8 @@ def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
                                    targets_dir=seed_dir / "targets", parent_run_id=parent_id)
                 for job in jobs:
                     summary = run_training(seed_cfg, job)
-                metrics = evaluate(summary["export"], cfg.data, cfg.eval, seed_dir / method / "eval",
+                metrics = run_eval(tracker, summary["export"], cfg, seed_dir / method / "eval",
+                                   name=f"{method}/eval", parent_run_id=parent_id, tags={"method": method},
                                    progress=progress)
                 results[method].append(metrics)
                 latency[method].append({"latency_ms_per_item": metrics["latency_ms_per_item"],
@@ -147,10 +166,6 @@ def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
                     dynamics_qtypes=list(cfg.demo.dynamics_qtypes))
         for path in paths.values():
             tracker.log_artifact(path)
-        for method, runs in results.items():
-            for seed, metrics in zip(cfg.demo.seeds, runs):
-                tracker.log_artifact(run_dir / f"seed{seed}" / method / "eval" / "predictions.jsonl",
-                                     artifact_path=f"predictions/seed{seed}/{method}")
     return paths
 
 

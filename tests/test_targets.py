@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,39 @@ def samples(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def few(samples):
+    """Three samples: enough for the cache-invalidation tests, which rebuild several times."""
+    return samples[:3]
+
+
+@pytest.fixture(scope="module")
+def base_cache(tmp_path_factory, model, spec, few) -> Path:
+    """Targets of ``few`` at K with the default data settings, built once; tests copy it before touching it."""
+    out = tmp_path_factory.mktemp("base") / "targets"
+    build_targets(model, few, spec, data_cfg(), out, num_latents=K)
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path, base_cache) -> Path:
+    out = tmp_path / "targets"
+    shutil.copytree(base_cache, out)
+    return out
+
+
+def count_encodes(model, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    encode = model.encode_video
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(model, "encode_video", counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
 def model(tokenizer):
     return build_model(ModelConfig(backbone="qwen2_5_vl-micro", dtype="float32", attn_implementation="sdpa"),
                        tokenizer, seed=0).eval()
@@ -51,9 +85,9 @@ def spec(model) -> VisionSpec:
     return VisionSpec.from_hf_config(model.backbone.config)
 
 
-def data_cfg(num_frames: int = 8, max_pixels: int = 3136) -> DataConfig:
+def data_cfg(num_frames: int = 8, min_pixels: int = 3136, max_pixels: int = 3136) -> DataConfig:
     return DataConfig(frames=FrameSamplingConfig(fps=None, num_frames=num_frames, min_frames=4, max_frames=8),
-                      min_pixels=3136, max_pixels=max_pixels)
+                      min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 def shard_state(directory: Path) -> dict[str, int]:
@@ -100,23 +134,18 @@ def test_targets_content_shape_and_stamp(tmp_path, model, spec, samples):
     assert len(reread) == 8 and torch.equal(reread[uids], store[uids])
 
 
-def test_second_call_reuses_cache(tmp_path, model, spec, samples, monkeypatch):
-    cfg, out = data_cfg(), tmp_path / "targets"
-    first = build_targets(model, samples, spec, cfg, out, num_latents=K)
-    before = shard_state(out)
-    stamp_mtime = (out / STAMP_FILE).stat().st_mtime_ns
-
-    def no_encoding(*args, **kwargs):
-        raise AssertionError("a current cache must not re-encode thought videos")
-
-    monkeypatch.setattr(model, "encode_video", no_encoding)
+def test_second_call_reuses_cache(model, spec, few, cache, monkeypatch):
+    before = shard_state(cache)
+    stamp_mtime = (cache / STAMP_FILE).stat().st_mtime_ns
+    first = TargetStore(cache)
+    uids = [s.uid for s in few]
     # an identical copy of the model (as when the pipeline reloads the same export) is the same cache
     twin = copy.deepcopy(model)
-    monkeypatch.setattr(twin, "encode_video", no_encoding)
     for m in (model, twin):
-        again = build_targets(m, samples, spec, data_cfg(), out, num_latents=K)
-        assert shard_state(out) == before and (out / STAMP_FILE).stat().st_mtime_ns == stamp_mtime
-        uids = [s.uid for s in samples]
+        calls = count_encodes(m, monkeypatch)
+        again = build_targets(m, few, spec, data_cfg(), cache, num_latents=K)
+        assert calls == [], "a current cache must not re-encode thought videos"
+        assert shard_state(cache) == before and (cache / STAMP_FILE).stat().st_mtime_ns == stamp_mtime
         assert torch.equal(again[uids], first[uids])
 
 
@@ -127,35 +156,36 @@ def rebuilt(model, spec, samples, out, cfg, num_latents) -> tuple[dict, dict]:
     return old_stamp, new_stamp
 
 
-def test_changing_k_rebuilds(tmp_path, model, spec, samples):
-    cfg, out = data_cfg(), tmp_path / "targets"
-    uids = [s.uid for s in samples]
-    old = build_targets(model, samples, spec, cfg, out, num_latents=K)[uids]
-    old_stamp, new_stamp = rebuilt(model, spec, samples, out, cfg, 4)
+def test_changing_k_rebuilds(model, spec, few, cache):
+    cfg = data_cfg()
+    uids = [s.uid for s in few]
+    old = TargetStore(cache)[uids]
+    old_stamp, new_stamp = rebuilt(model, spec, few, cache, cfg, 4)
+    assert {k for k in old_stamp if old_stamp[k] != new_stamp[k]} == {"num_latents"}
     assert old_stamp["num_latents"] == K and new_stamp["num_latents"] == 4
-    new = TargetStore(out)[uids]
+    new = TargetStore(cache)[uids]
     assert old.shape[1] == K and new.shape[1] == 4
-    torch.testing.assert_close(new[2], reference_targets(model, spec, cfg, samples[2], [(0, 4), (4, 8), (8, 12),
-                                                                                            (12, 16)]),
+    torch.testing.assert_close(new[2], reference_targets(model, spec, cfg, few[2], [(0, 4), (4, 8), (8, 12), (12, 16)]),
                                rtol=1e-4, atol=1e-5)
     # back to K: rebuilt again, same content as the first build
-    build_targets(model, samples, spec, cfg, out, num_latents=K)
-    torch.testing.assert_close(TargetStore(out)[uids], old)
+    build_targets(model, few, spec, cfg, cache, num_latents=K)
+    torch.testing.assert_close(TargetStore(cache)[uids], old)
 
 
-def test_changing_vision_weight_rebuilds(tmp_path, model, spec, samples):
-    cfg, out = data_cfg(), tmp_path / "targets"
-    uids = [s.uid for s in samples]
-    old = build_targets(model, samples, spec, cfg, out, num_latents=K)[uids]
+def test_changing_vision_weight_rebuilds(model, spec, few, cache):
+    cfg = data_cfg()
+    uids = [s.uid for s in few]
+    old = TargetStore(cache)[uids]
     changed = copy.deepcopy(model)
     with torch.no_grad():
         changed.backbone.model.visual.blocks[0].mlp.up_proj.weight.mul_(1.5)
     assert vision_fingerprint(changed) != vision_fingerprint(model)
-    old_stamp, new_stamp = rebuilt(changed, spec, samples, out, cfg, K)
-    assert old_stamp["vision_fingerprint"] != new_stamp["vision_fingerprint"] == vision_fingerprint(changed)
-    new = TargetStore(out)[uids]
+    old_stamp, new_stamp = rebuilt(changed, spec, few, cache, cfg, K)
+    assert {k for k in old_stamp if old_stamp[k] != new_stamp[k]} == {"vision_fingerprint"}
+    assert new_stamp["vision_fingerprint"] == vision_fingerprint(changed)
+    new = TargetStore(cache)[uids]
     assert not torch.allclose(new, old)
-    torch.testing.assert_close(new[1], reference_targets(changed, spec, cfg, samples[1], GROUPS), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(new[1], reference_targets(changed, spec, cfg, few[1], GROUPS), rtol=1e-4, atol=1e-5)
 
 
 def test_changing_merger_weight_changes_fingerprint(model):
@@ -165,62 +195,65 @@ def test_changing_merger_weight_changes_fingerprint(model):
     assert vision_fingerprint(changed) != vision_fingerprint(model)
 
 
-@pytest.mark.parametrize("changed_cfg, key", [
-    (lambda: data_cfg(num_frames=4), "frames"),
-    (lambda: data_cfg(max_pixels=2 * 3136), "max_pixels"),
-])
-def test_changing_frame_settings_rebuilds(tmp_path, model, spec, samples, changed_cfg, key):
-    out = tmp_path / "targets"
-    uids = [s.uid for s in samples]
-    old = build_targets(model, samples, spec, data_cfg(), out, num_latents=K)[uids]
-    cfg = changed_cfg()
-    old_stamp, new_stamp = rebuilt(model, spec, samples, out, cfg, K)
-    assert old_stamp[key] != new_stamp[key]
-    assert {k for k in old_stamp if old_stamp[k] != new_stamp[k]} == {key}
-    new = TargetStore(out)[uids]
-    assert new.shape == old.shape and not torch.allclose(new, old)
-    if key == "frames":  # 4 frames -> 2 temporal patches -> 8 tokens, groups 3, 3, 2
-        torch.testing.assert_close(new[5], reference_targets(model, spec, cfg, samples[5], [(0, 3), (3, 6), (6, 8)]),
-                                   rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("changed, keys, groups", [
+    # 4 frames -> 2 temporal patches -> 8 tokens: groups 3, 3, 2
+    (dict(num_frames=4), {"frames"}, [(0, 3), (3, 6), (6, 8)]),
+    # a 28x28 pixel budget -> 1 merged token per temporal patch -> 4 tokens: groups 2, 1, 1
+    (dict(min_pixels=784, max_pixels=784), {"min_pixels", "max_pixels"}, [(0, 2), (2, 3), (3, 4)]),
+    # a larger budget than the 56x56 videos need: same content, but the stamp differs, so it is rebuilt
+    (dict(max_pixels=2 * 3136), {"max_pixels"}, None),
+], ids=["num_frames", "pixels", "max_pixels_only"])
+def test_changing_frame_settings_rebuilds(model, spec, few, cache, monkeypatch, changed, keys, groups):
+    uids = [s.uid for s in few]
+    old = TargetStore(cache)[uids]
+    cfg = data_cfg(**changed)
+    calls = count_encodes(model, monkeypatch)
+    old_stamp, new_stamp = rebuilt(model, spec, few, cache, cfg, K)
+    assert calls and {k for k in old_stamp if old_stamp[k] != new_stamp[k]} == keys
+    new = TargetStore(cache)[uids]
+    assert new.shape == old.shape
+    if groups is None:
+        torch.testing.assert_close(new, old)
+    else:
+        assert not torch.allclose(new, old)
+        torch.testing.assert_close(new[1], reference_targets(model, spec, cfg, few[1], groups), rtol=1e-4, atol=1e-5)
 
 
-def test_lm_only_weight_keeps_fingerprint_and_cache(tmp_path, model, spec, samples, monkeypatch):
-    cfg, out = data_cfg(), tmp_path / "targets"
-    build_targets(model, samples, spec, cfg, out, num_latents=K)
-    before = shard_state(out)
+def test_lm_only_weight_keeps_fingerprint_and_cache(model, spec, few, cache, monkeypatch):
+    before = shard_state(cache)
     changed = copy.deepcopy(model)
     with torch.no_grad():
         changed.backbone.model.language_model.layers[0].mlp.up_proj.weight.mul_(2.0)
         changed.backbone.model.language_model.norm.weight.add_(1.0)
         changed.backbone.get_input_embeddings().weight[:10].add_(1.0)  # embed group, tied with lm_head
     assert vision_fingerprint(changed) == vision_fingerprint(model)
-    monkeypatch.setattr(changed, "encode_video", lambda *a, **k: pytest.fail("cache should have been reused"))
-    build_targets(changed, samples, spec, cfg, out, num_latents=K)
-    assert shard_state(out) == before
+    calls = count_encodes(changed, monkeypatch)
+    build_targets(changed, few, spec, data_cfg(), cache, num_latents=K)
+    assert calls == [] and shard_state(cache) == before
 
 
-def test_changed_sample_set_or_tampered_stamp_rebuilds(tmp_path, model, spec, samples):
-    cfg, out = data_cfg(), tmp_path / "targets"
-    build_targets(model, samples, spec, cfg, out, num_latents=K)
-    store = build_targets(model, samples[:5], spec, cfg, out, num_latents=K)
-    assert len(store) == 5 and store.stamp["num_samples"] == 5
+def test_changed_sample_set_or_tampered_stamp_rebuilds(model, spec, few, cache):
+    cfg = data_cfg()
+    store = build_targets(model, few[:2], spec, cfg, cache, num_latents=K)
+    assert len(store) == 2 and store.stamp["num_samples"] == 2
     with pytest.raises(KeyError):
-        store[[samples[6].uid]]
-    stamp_path = out / STAMP_FILE
+        store[[few[2].uid]]
+    stamp_path = cache / STAMP_FILE
     stamp = json.loads(stamp_path.read_text())
     stamp_path.write_text(json.dumps({**stamp, "vision_fingerprint": "0" * 16}))
-    assert not is_current(out, target_stamp(model, K, cfg, samples[:5]))
-    build_targets(model, samples[:5], spec, cfg, out, num_latents=K)
+    assert not is_current(cache, target_stamp(model, K, cfg, few[:2]))
+    build_targets(model, few[:2], spec, cfg, cache, num_latents=K)
     assert json.loads(stamp_path.read_text()) == stamp
+    assert is_current(cache, stamp)
+    assert not is_current(cache.parent / "elsewhere", stamp)
 
 
-def test_missing_uid_raises_key_error_naming_folder(tmp_path, model, spec, samples):
-    out = tmp_path / "my_targets"
-    store = build_targets(model, samples, spec, data_cfg(), out, num_latents=K)
+def test_missing_uid_raises_key_error_naming_folder(few, cache):
+    store = TargetStore(cache)
     with pytest.raises(KeyError) as info:
-        store[[samples[0].uid, "no-such-uid"]]
+        store[[few[0].uid, "no-such-uid"]]
     message = str(info.value)
-    assert str(out) in message and "no-such-uid" in message and samples[0].uid not in message
+    assert str(cache) in message and "no-such-uid" in message and few[0].uid not in message
 
 
 def test_samples_without_thought_videos(tmp_path, model, spec, samples):
@@ -231,15 +264,15 @@ def test_samples_without_thought_videos(tmp_path, model, spec, samples):
     with pytest.raises(ValueError, match="thought_video"):
         build_targets(model, [], spec, data_cfg(), tmp_path / "targets", num_latents=K)
     # a mixed set: only the samples that have a thought video get targets
-    mixed = [s if i % 2 == 0 else no_thought[i] for i, s in enumerate(samples)]
+    mixed = [samples[0], no_thought[1], samples[2]]
     store = build_targets(model, mixed, spec, data_cfg(), tmp_path / "mixed", num_latents=K)
-    assert len(store) == 4 and store.stamp["num_samples"] == 4
+    assert len(store) == 2 and store.stamp["num_samples"] == 2
     assert store[[samples[2].uid]].shape == (1, K, model.text_config.hidden_size)
     with pytest.raises(KeyError):
         store[[samples[1].uid]]
 
 
-def test_k_larger_than_visual_tokens_raises(tmp_path, model, spec, samples):
+def test_k_larger_than_visual_tokens_raises(tmp_path, model, spec, few):
     with pytest.raises(ValueError, match=f"cannot pool {TOKENS_PER_VIDEO} visual tokens into 17 groups"):
-        build_targets(model, samples[:2], spec, data_cfg(), tmp_path / "targets", num_latents=17)
+        build_targets(model, few[:1], spec, data_cfg(), tmp_path / "targets", num_latents=17)
     assert not (tmp_path / "targets" / STAMP_FILE).exists()

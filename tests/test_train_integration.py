@@ -126,5 +126,12 @@ def test_demo_quick_end_to_end(tmp_path):
     children = {r.info.run_name for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert {"stage0", "storms/stage1", "storms/stage2", "sft_k0/sft", "stage1_only/stage1",
             "stage2_only/stage2"} <= children
+    eval_runs = {r.info.run_name: r for r in all_runs if r.info.run_name.endswith("/eval")}
+    assert set(eval_runs) == {f"{m}/eval" for m in ("sft_k0", "stage1_only", "stage2_only", "storms")}
+    storms_eval = eval_runs["storms/eval"]
+    assert storms_eval.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    metrics = json.loads((run_dir / "seed0" / "storms" / "eval" / "metrics.json").read_text())
+    assert storms_eval.data.metrics["accuracy"] == pytest.approx(metrics["overall"]["accuracy"])
+    assert "predictions.jsonl" in {a.path for a in client.list_artifacts(storms_eval.info.run_id)}
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"report.md", "report.png", "results.json", "config.yaml"} <= artifacts

@@ -39,7 +39,7 @@ def make_frames() -> np.ndarray:
 
 
 def frame_index_of(frame: np.ndarray) -> int:
-    return int(round((float(frame[32:40, 16:48].mean()) - 10) / 20))
+    return round((float(frame[32:40, 16:48].mean()) - 10) / 20)
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,10 @@ class Sample:
         _expect(_is_nonempty_str(self.question), "question", "expected a non-empty string")
         _expect(isinstance(self.options, (list, tuple)) and MIN_OPTIONS <= len(self.options) <= MAX_OPTIONS,
                 "options", f"expected a list of {MIN_OPTIONS}-{MAX_OPTIONS} strings, got {self.options!r}")
-        _expect(all(_is_nonempty_str(o) for o in self.options), "options", "expected every option to be a non-empty string")
-        _expect(len(set(self.options)) == len(self.options), "options", f"expected distinct options, got {list(self.options)}")
+        _expect(all(_is_nonempty_str(o) for o in self.options), "options",
+                "expected every option to be a non-empty string")
+        _expect(len(set(self.options)) == len(self.options), "options",
+                f"expected distinct options, got {list(self.options)}")
         object.__setattr__(self, "options", tuple(self.options))  # JSON gives lists; keep the dataclass hashable
         _expect(isinstance(self.answer, str) and self.answer in OPTION_LETTERS, "answer",
                 f"expected a letter A-{OPTION_LETTERS[-1]}, got {self.answer!r}")
@@ -178,7 +180,8 @@ def read_manifest(path: str | Path, *, on_error: Literal["raise", "skip"] = "rai
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ManifestError(f"json: expected one JSON object per line ({e.msg} at column {e.colno})") from None
+                    raise ManifestError(
+                        f"json: expected one JSON object per line ({e.msg} at column {e.colno})") from None
                 sample = sample_from_json(record, root)
                 _expect(sample.uid not in line_of_uid, "uid",
                         f"expected a unique uid; {sample.uid!r} already appears on line {line_of_uid.get(sample.uid)}")

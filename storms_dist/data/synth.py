@@ -461,7 +461,8 @@ def _flash(frame: int, ball: int, num_frames: int) -> list[tuple[int, int, int]]
     return [(f, ball, 0) for f in (frame, frame + 1) if f < num_frames]
 
 
-def _colour_options(rng: np.random.Generator, scene: Scene, correct_colour: str, num_options: int = 4) -> tuple[str, ...]:
+def _colour_options(rng: np.random.Generator, scene: Scene, correct_colour: str,
+                    num_options: int = 4) -> tuple[str, ...]:
     """The correct colour, the other balls' colours, then absent palette colours up to ``num_options``."""
     others = [c for c in scene.colours if c != correct_colour]
     absent = [c for c in PALETTE if c not in scene.colours]
@@ -514,7 +515,8 @@ def _plan_future_quadrant(world: World, rng: np.random.Generator, target: tuple[
             options=QUADRANTS, correct=QUADRANTS.index(quadrant),
             thought=ThoughtSpec(kind="continuation", times=times,
                                 rings=tuple(_flash(frames_after - 1, ball, cfg.num_thought_frames))),
-            meta={"ball": world.colour(ball), "frames_after": frames_after, "same_quadrant_as_last_frame": same_as_last})
+            meta={"ball": world.colour(ball), "frames_after": frames_after,
+                  "same_quadrant_as_last_frame": same_as_last})
     return None
 
 
@@ -652,7 +654,8 @@ def _plan_closest_to_corner(world: World, rng: np.random.Generator, corner: str)
         variant="closest_to_corner",
         question=f"What colour is the ball closest to the {corner} corner in the first frame?",
         options=options, correct=0,
-        thought=ThoughtSpec(kind="still_marked", times=times, rings=tuple((f, winner, f % 2) for f in range(len(times)))),
+        thought=ThoughtSpec(kind="still_marked", times=times,
+                            rings=tuple((f, winner, f % 2) for f in range(len(times)))),  # pulsing ring
         meta={"corner": corner})
 
 
@@ -685,7 +688,7 @@ _PLANNERS = {
 _MIN_BALLS = {"first_bounce": 2, "fastest": 2, "closest_to_corner": 2}
 
 
-def _target_values(variant: str, cfg: SynthConfig) -> tuple[Any, ...]:
+def target_values(variant: str, cfg: SynthConfig) -> tuple[Any, ...]:
     """The answer-determining choice each question of ``variant`` is balanced over (None: balanced by chance)."""
     return {
         "next_wall": WALLS,
@@ -862,7 +865,7 @@ def _event_json(world: World, event: Event) -> dict[str, Any]:
 def make_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> _VideoResult:
     """Plan, render and encode source + thought video number ``index`` of ``split``."""
     qtype, variant, k = assignment(cfg, index)
-    target = balanced_pick(_target_values(variant, cfg), k, seed=cfg.seed, split=split, key=f"target/{variant}")
+    target = balanced_pick(target_values(variant, cfg), k, seed=cfg.seed, split=split, key=f"target/{variant}")
     world, plan = sample_world(_rng(cfg, split, index, 0), cfg, variant, target)
     suffix = SUFFIX_BY_CODEC[cfg.codec]
     video, thought_video = f"videos/{split}/{index:06d}{suffix}", f"thoughts/{split}/{index:06d}{suffix}"
