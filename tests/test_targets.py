@@ -197,11 +197,11 @@ def test_changing_merger_weight_changes_fingerprint(model):
 
 @pytest.mark.parametrize("changed, keys, groups", [
     # 4 frames -> 2 temporal patches -> 8 tokens: groups 3, 3, 2
-    (dict(num_frames=4), {"frames"}, [(0, 3), (3, 6), (6, 8)]),
+    ({"num_frames": 4}, {"frames"}, [(0, 3), (3, 6), (6, 8)]),
     # a 28x28 pixel budget -> 1 merged token per temporal patch -> 4 tokens: groups 2, 1, 1
-    (dict(min_pixels=784, max_pixels=784), {"min_pixels", "max_pixels"}, [(0, 2), (2, 3), (3, 4)]),
+    ({"min_pixels": 784, "max_pixels": 784}, {"min_pixels", "max_pixels"}, [(0, 2), (2, 3), (3, 4)]),
     # a larger budget than the 56x56 videos need: same content, but the stamp differs, so it is rebuilt
-    (dict(max_pixels=2 * 3136), {"max_pixels"}, None),
+    ({"max_pixels": 2 * 3136}, {"max_pixels"}, None),
 ], ids=["num_frames", "pixels", "max_pixels_only"])
 def test_changing_frame_settings_rebuilds(model, spec, few, cache, monkeypatch, changed, keys, groups):
     uids = [s.uid for s in few]
