@@ -51,7 +51,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         choices = get_args(tp)
-        if value not in choices:
+        # compare type too: True == 1 and 1.0 == 1, but neither is the int choice 1
+        if not any(value == c and type(value) is type(c) for c in choices):
             raise ConfigError(f"{key}: {value!r} is not a valid choice; valid choices: {', '.join(map(repr, choices))}")
         return value
     if dataclasses.is_dataclass(tp):
@@ -61,10 +62,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=key)
     if origin in (list, tuple):
-        (item_tp, *_) = get_args(tp) or (Any,)
+        args = get_args(tp) or (Any, ...)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):  # fixed length, e.g. tuple[float, float]
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected a list of {len(args)} items, got {list(value)!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -169,7 +174,8 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=3e-4" -> (["optim", "lr"], 3e-4)``; values are parsed as YAML scalars/lists."""
+    """``"optim.lr=3e-4" -> (["optim", "lr"], "3e-4")``: values are parsed as YAML scalars/lists (YAML 1.1 reads
+    ``3e-4`` as a string; the float field's coercion converts it)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
     key, raw = text.split("=", 1)

@@ -96,17 +96,17 @@ def test_invalid_literal_lists_choices():
 
 
 def test_literal_int_choice_rejects_bool_and_float():
-    """BUG: the Literal check is ``value in choices`` (equality), so True == 1 and 1.0 == 1 pass validation and
-    the config keeps ``zero_stage=True`` / ``1.0`` (written as-is into the DeepSpeed JSON)."""
-    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
-        load("deepspeed.zero_stage=true")
-    stage = load("deepspeed.zero_stage=1.0").deepspeed.zero_stage  # either rejected or normalised to int 1
+    """An equality check would let True == 1 and 1.0 == 1 through as ``zero_stage`` (written as-is into the
+    DeepSpeed JSON); the choice must match in type too."""
+    for text in ("true", "1.0"):
+        with pytest.raises(ConfigError, match="deepspeed.zero_stage.*valid choices"):
+            load(f"deepspeed.zero_stage={text}")
+    stage = load("deepspeed.zero_stage=1").deepspeed.zero_stage
     assert stage == 1 and type(stage) is int
 
 
 def test_fixed_length_tuple_is_enforced():
-    """BUG: ``tuple[float, float]`` is coerced as a variable-length tuple of its first arg, so ``optim.betas=[0.8]``
-    loads as ``(0.8,)`` (AdamW fails much later with an IndexError) and 3-element betas load too."""
+    """``tuple[float, float]`` is fixed-length: ``optim.betas=[0.8]`` must fail at load time, not inside AdamW."""
     assert load("optim.betas=[0.8, 0.95]").optim.betas == (0.8, 0.95)
     with pytest.raises(ConfigError, match="optim.betas"):
         load("optim.betas=[0.8]")
@@ -184,22 +184,29 @@ def test_override_into_scalar_is_an_error(tmp_path):
 
 
 # ---- __post_init__ validation ----
-@pytest.mark.parametrize("overrides, prefix, words", [
-    (["stage1.num_steps=0"], "stage1: ", "num_steps"),
-    (["model.num_latents=17"], "model: ", "max_latents"),
-    (["model.max_latents=4", "model.num_latents=5"], "model: ", "(4)"),
-    (["optim.lr=0"], "optim: ", "lr"),
-    (["nproc=0"], "", "nproc"),
-    (["demo.methods=[foo]"], "demo: ", "valid choices: sft_k0"),
-    (["synth.size=100"], "synth: ", "multiple of 28"),
-    (["data.min_pixels=99999"], "data: ", "min_pixels"),
+@pytest.mark.parametrize("overrides, section, field, words", [
+    (["stage1.num_steps=0"], "stage1", "num_steps", "got 0"),
+    (["model.num_latents=17"], "model", "num_latents", "max_latents (16)"),
+    (["model.max_latents=4", "model.num_latents=5"], "model", "num_latents", "max_latents (4)"),
+    (["optim.lr=0"], "optim", "lr", "> 0"),
+    (["demo.methods=[foo]"], "demo", "methods", "valid choices: sft_k0"),
+    (["synth.size=100"], "synth", "size", "multiple of 28"),
+    (["data.min_pixels=99999"], "data", "min_pixels", "max_pixels"),
+    (["data.frames.min_frames=3"], "data.frames", "min_frames", "multiple of temporal_patch_size"),
     (["stage2.trainable.vision=false", "stage2.trainable.merger=false", "stage2.trainable.embed=false",
-      "stage2.trainable.lm=false"], "stage2.trainable: ", "at least one"),
+      "stage2.trainable.lm=false"], "stage2.trainable", "vision / merger / embed / lm", "at least one"),
 ])
-def test_post_init_errors_carry_section_prefix(overrides, prefix, words):
+def test_post_init_errors_carry_section_prefix(overrides, section, field, words):
+    """A section's ``__post_init__`` ValueError surfaces as a ConfigError that starts with the section's dotted path
+    (``model.num_latents: ...`` or ``data: min_pixels ...``) and names the field."""
     message = config_error(*overrides)
-    assert message.startswith(prefix), message
-    assert words in message
+    assert message.startswith((f"{section}.{field}:", f"{section}: ")), message
+    assert field in message and words in message
+
+
+def test_top_level_post_init_error_has_no_prefix():
+    assert config_error("nproc=0").startswith("nproc: expected >= 1")
+    assert config_error("name=a/b").startswith("name: ")
 
 
 def test_valid_nested_post_init_passes():
