@@ -18,6 +18,7 @@ from pathlib import Path
 
 from storms_dist.config import dump, from_dict, to_dict
 from storms_dist.run_config import RunConfig
+from storms_dist.train.signals import Preempted
 from storms_dist.train.trainer import StageConfig, TrainJob
 
 
@@ -66,7 +67,13 @@ def run_training(cfg: RunConfig, job: TrainJob) -> dict:
                f"--master_port={free_port()}", "-m", "storms_dist", "train", str(job.out_dir / "run_config.yaml"),
                "--job", str(job.out_dir / "job.json")]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run(command, check=True, env=env)
+    (job.out_dir / "preempted.json").unlink(missing_ok=True)
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        marker = job.out_dir / "preempted.json"
+        if marker.is_file():  # the ranks saved a checkpoint after a preemption signal: resumable
+            raise Preempted(json.loads(marker.read_text())["step"])
+        raise subprocess.CalledProcessError(result.returncode, command)
     return json.loads((job.out_dir / "summary.json").read_text())
 
 

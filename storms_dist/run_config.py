@@ -14,7 +14,8 @@ from storms_dist.targets import TargetsConfig
 from storms_dist.tracking import TrackingConfig
 from storms_dist.train.deepspeed_config import DeepSpeedConfig
 from storms_dist.train.optim import OptimConfig
-from storms_dist.train.trainer import StageConfig
+from storms_dist.train.checkpoint import CheckpointConfig
+from storms_dist.train.trainer import RobustnessConfig, StageConfig
 
 METHODS = ("sft_k0", "stage1_only", "stage2_only", "storms")
 """Demo methods: K=0 answer-only SFT, Stage I only, Stage II only, and STORMS (Stage I then Stage II)."""
@@ -60,6 +61,8 @@ class RunConfig:
     stage0: StageConfig = field(default_factory=_stage0)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(align=True, mode="single"))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(mode="rollout"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -32,6 +32,7 @@ from storms_dist.model.latent import (
     continuation_positions,
 )
 from storms_dist.model.registry import BackboneSpec
+from storms_dist.train.distributed import all_reduce_max
 
 ForwardMode = Literal["single", "rollout"]
 
@@ -72,6 +73,9 @@ class STORMSModel(nn.Module):
         self.align_loss = align_loss
         self.align_weight = align_weight
         self.video_token_id = backbone.config.video_token_id
+        self.sync_ranks = False
+        """Under ZeRO-3 with several ranks every rank must run the same modules the same number of times (each
+        call all-gathers parameters): set by the trainer when world_size > 1."""
 
     # ---- backbone pieces (each call runs a submodule, so ZeRO-3 gathers it) ----
     @property
@@ -156,12 +160,54 @@ class STORMSModel(nn.Module):
             mode = "single"  # nothing to roll out: K=0 is one pass
 
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        visual = None
+        own_passes = num_latents + 2 if mode == "rollout" else 1
+        num_padding_passes = 0
+        if self.sync_ranks:
+            num_padding_passes = int(all_reduce_max([own_passes])[0]) - own_passes
+        visual, zero_BLD = None, None
         if batch.get("pixel_values_videos") is not None:
             visual = self.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
+        elif self.sync_ranks:  # other ranks may run the vision tower: run it too, on a dummy input, times zero
+            zero_BLD = self._dummy_visual_term()
         pos_3BL = self.rope_positions(batch)
         embeds_BLD = self.input_embeddings(input_ids, visual)
         video_mask_BL = input_ids == self.video_token_id
+        padding = self._padding_passes(embeds_BLD, num_padding_passes)
+        if zero_BLD is not None:
+            padding = padding + zero_BLD
+        out = self._forward_mode(batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL)
+        if self.sync_ranks:
+            out.loss = out.loss + padding
+        return out
+
+    def _dummy_visual_term(self) -> torch.Tensor:
+        """Vision tower + merger on the smallest valid video (one temporal patch, one merged token), times 0."""
+        vision_config = self.backbone.config.vision_config
+        merge, patch = vision_config.spatial_merge_size, vision_config.patch_size
+        grid_thw = torch.tensor([[1, merge, merge]], device=self.backbone.device)
+        num_features = vision_config.in_channels * vision_config.temporal_patch_size * patch * patch
+        pixels = torch.zeros(merge * merge, num_features, device=self.backbone.device, dtype=self.backbone.dtype)
+        visual = self.encode_video(pixels, grid_thw)
+        term = visual.embeds_ND.sum()
+        for feature in visual.deepstack_ND or []:
+            term = term + feature.sum()
+        return term * 0.0
+
+    def _padding_passes(self, embeds_BLD: torch.Tensor, num_passes: int) -> torch.Tensor:
+        """Extra one-column decoder passes (no cache, result times 0) so this rank runs as many as the others."""
+        padding = embeds_BLD.new_zeros(())
+        if num_passes == 0:
+            return padding
+        column_BTD = embeds_BLD[:, -1:] * 0.0
+        num_rows = embeds_BLD.shape[0]
+        pos_3B1 = torch.zeros(3, num_rows, 1, dtype=torch.long, device=embeds_BLD.device)
+        mask_B1 = torch.ones(num_rows, 1, dtype=torch.long, device=embeds_BLD.device)
+        for _ in range(num_passes):
+            column_BTD = self.decoder(column_BTD, pos_3B1, mask_B1, None)
+        return padding + column_BTD.sum() * 0.0
+
+    def _forward_mode(self, batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL):
+        num_latents, attention_mask = layout.num_latents, batch["attention_mask"]
         P, S0 = layout.prefix_len, layout.suffix_start
 
         if mode == "single":

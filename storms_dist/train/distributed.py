@@ -57,3 +57,12 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise max over ranks (identity in one process). Used to agree on flags and pass counts."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()

@@ -11,7 +11,7 @@ import json
 import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +19,7 @@ import torch
 
 from storms_dist.config import dump, flatten, to_dict
 from storms_dist.data.dataset import LatentCollator, ShardedSampler, VideoQADataset
+from storms_dist.data.manifest import read_manifest
 from storms_dist.data.preprocess import VisionSpec
 from storms_dist.model.build import (
     TrainableConfig,
@@ -30,8 +31,10 @@ from storms_dist.model.build import (
     param_groups,
 )
 from storms_dist.train.deepspeed_config import build_ds_config
-from storms_dist.train.distributed import barrier, init_distributed
+from storms_dist.train.checkpoint import CheckpointManager, tag_for
+from storms_dist.train.distributed import all_reduce_max, barrier, init_distributed
 from storms_dist.train.optim import lr_multiplier
+from storms_dist.train.signals import PreemptionFlag, Preempted
 
 
 @dataclass(kw_only=True)
@@ -62,6 +65,44 @@ class StageConfig:
             raise ValueError("align: alignment needs latent slots, but num_latents is 0")
 
 
+@dataclass(kw_only=True)
+class RobustnessConfig:
+    on_nonfinite_loss: Literal["skip", "stop"] = "skip"
+    """A NaN/inf loss on any rank: every rank drops that micro-batch (no backward, no update), or all stop."""
+    max_consecutive_nonfinite: int = 8
+    """Stop after this many non-finite micro-batches in a row (skipping would only hide a diverged run)."""
+    max_bad_data_fraction: float = 0.05
+    """Stop when more than this fraction of the samples seen so far (malformed manifest lines included) is bad."""
+    min_samples_before_threshold: int = 50
+    """The fraction is judged only after this many samples (a few bad files early must not stop a run)."""
+    dist_timeout_s: float = 1800.0
+    """torch.distributed process-group timeout: a hang surfaces as an error after this long."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_bad_data_fraction <= 1.0:
+            raise ValueError(f"max_bad_data_fraction: expected a fraction in [0, 1], got {self.max_bad_data_fraction}")
+        if self.max_consecutive_nonfinite < 1 or self.dist_timeout_s <= 0:
+            raise ValueError("max_consecutive_nonfinite: expected >= 1 and dist_timeout_s > 0")
+
+
+class BadDataError(RuntimeError):
+    """Too much of the data is unreadable or malformed: the message lists examples."""
+
+
+@dataclass
+class BadData:
+    """Samples that could not be loaded (and malformed manifest lines), with a few examples for the error."""
+
+    num_seen: int = 0
+    num_bad: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def record(self, what: str) -> None:
+        self.num_bad += 1
+        if len(self.examples) < 10:
+            self.examples.append(what)
+
+
 @dataclass
 class TrainJob:
     """One training run: a stage's settings, where it starts from and where it writes."""
@@ -83,7 +124,7 @@ class Trainer:
         self.cfg, self.job, self.stage_cfg = cfg, job, job.stage_cfg
         job.out_dir.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cfg.runs_dir).resolve() / "torch_extensions"))
-        self.dist = init_distributed()
+        self.dist = init_distributed(timeout_s=cfg.robustness.dist_timeout_s)
         torch.manual_seed(cfg.seed)
         self.num_latents = cfg.model.num_latents if self.stage_cfg.num_latents is None else self.stage_cfg.num_latents
 
@@ -93,17 +134,54 @@ class Trainer:
         self.trainable_counts = apply_freezing(self.model, self.stage_cfg.trainable)
         self.spec = VisionSpec.from_hf_config(self.model.backbone.config)
 
-        self.dataset = VideoQADataset.from_split(self.stage_cfg.split, self.tokenizer, self.spec, cfg.data)
+        self.bad_data = BadData()
+        self.dataset = self._dataset()
         self.sampler = ShardedSampler(len(self.dataset), micro_batch_size=self.stage_cfg.micro_batch_size,
                                       rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.seed)
         self.collate = LatentCollator(latent_token_ids(self.tokenizer), self.tokenizer.pad_token_id,
                                       self.num_latents)
         self.targets = self._thought_video_targets() if self.stage_cfg.align else None
         self.model.train()
+        self.model.sync_ranks = self.dist.world_size > 1
 
         self.engine = self._build_engine()
         self.tracker = Tracker(cfg.tracking, Path(cfg.runs_dir), is_main_process=self.dist.is_main)
-        self.step = 0
+        self.checkpoints = CheckpointManager(job.out_dir / "checkpoints", cfg.checkpoint, rank=self.dist.rank,
+                                             world_size=self.dist.world_size)
+        self.step, self.mlflow_run_id, self.num_skipped_nonfinite = 0, None, 0
+        self._good_indices: list[int] = []
+        self.resumed_from = self._resume() if cfg.checkpoint.resume else None
+
+    def _dataset(self) -> VideoQADataset:
+        """The stage's split; malformed manifest lines are skipped and counted as bad data."""
+        path = self.cfg.data.manifest_path(self.stage_cfg.split)
+        samples = read_manifest(path, on_error="skip")
+        for line in samples.skipped:
+            self.bad_data.record(f"{path}:{line.line_no}: {line.message}")
+        self.bad_data.num_seen += len(samples.skipped)
+        if not samples:
+            raise BadDataError(f"{path}: no valid sample (examples: {self.bad_data.examples[:3]})")
+        return VideoQADataset(samples, self.tokenizer, self.spec, self.cfg.data)
+
+    def _resume(self) -> str | None:
+        tag = self.checkpoints.latest_tag()
+        if tag is None:
+            return None
+        state = self.checkpoints.load(self.engine, tag)
+        self.step, self.mlflow_run_id = state["step"], state["mlflow_run_id"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.bad_data = BadData(**state["bad_data"])
+        self.num_skipped_nonfinite = state["num_skipped_nonfinite"]
+        self._good_indices = state["good_indices"]
+        if self.dist.is_main:
+            print(f"[{self.job.name}] resumed from {self.checkpoints.directory / tag} at step {self.step}", flush=True)
+        return tag
+
+    def save_checkpoint(self) -> Path:
+        state = {"sampler": self.sampler.state_dict(), "mlflow_run_id": self.mlflow_run_id,
+                 "bad_data": asdict(self.bad_data), "num_skipped_nonfinite": self.num_skipped_nonfinite,
+                 "good_indices": self._good_indices[-1000:]}
+        return self.checkpoints.save(self.engine, self.step, state)
 
     def _thought_video_targets(self):
         """Stage I targets from this stage's starting checkpoint: rank 0 (re)builds a stale or missing cache."""
@@ -154,46 +232,140 @@ class Trainer:
         job, stage_cfg = self.job, self.stage_cfg
         if self.dist.is_main:
             dump(self.cfg, job.out_dir / "config.yaml")
-        run_id = self.tracker.start_run(job.name, parent_run_id=job.parent_run_id,
-                                        tags={"stage": str(job.stage), **job.tags})
-        self.tracker.log_params({**flatten(self.cfg), "job.name": job.name, "job.stage": job.stage,
-                                 "job.init_from": job.init_from, "job.num_latents": self.num_latents,
-                                 **flatten(to_dict(stage_cfg), "stage")})
-        self.tracker.log_artifact(job.out_dir / "config.yaml") if self.dist.is_main else None
+        self.mlflow_run_id = self.tracker.start_run(job.name, parent_run_id=job.parent_run_id,
+                                                    run_id=self.mlflow_run_id,
+                                                    tags={"stage": str(job.stage), **job.tags})
+        if self.resumed_from is None:
+            self.tracker.log_params({**flatten(self.cfg), "job.name": job.name, "job.stage": job.stage,
+                                     "job.init_from": job.init_from, "job.num_latents": self.num_latents,
+                                     **flatten(to_dict(stage_cfg), "stage")})
+            self.tracker.log_artifact(job.out_dir / "config.yaml")
+        history = self._history_up_to(self.step)
         batches = iter(self.sampler)
-        bar = tqdm(total=stage_cfg.num_steps, desc=job.name, disable=not self.dist.is_main, unit="step")
-        history = []
+        preemption = PreemptionFlag()
+        bar = tqdm(total=stage_cfg.num_steps, initial=self.step, desc=job.name, disable=not self.dist.is_main,
+                   unit="step")
         status = "FAILED"
         try:
             while self.step < stage_cfg.num_steps:
                 metrics = self.train_step(batches)
                 self.step += 1
                 history.append(metrics)
+                self._append_log(metrics)
                 self.tracker.log_metrics(metrics, step=self.step)
                 bar.update(1)
                 if self.step % stage_cfg.log_every == 0 or self.step == stage_cfg.num_steps:
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+                # one collective per step: every rank learns whether any rank was signalled or saw too much bad data
+                preempted, too_bad = (v > 0 for v in all_reduce_max([preemption.received is not None,
+                                                                      self._too_much_bad_data()]))
+                if too_bad:
+                    raise BadDataError(self._bad_data_message())
+                if preempted and self.step < stage_cfg.num_steps:
+                    self.save_checkpoint()
+                    status = "KILLED"
+                    if self.dist.is_main:
+                        (job.out_dir / "preempted.json").write_text(json.dumps({"step": self.step}) + "\n")
+                    raise Preempted(self.step)
+                every = self.cfg.checkpoint.every_steps
+                if every and self.step % every == 0 and self.step < stage_cfg.num_steps:
+                    self.save_checkpoint()
             bar.close()
             summary = self.finish(history)
             status = "FINISHED"
             return summary
         finally:
+            preemption.restore()
             self.tracker.end_run(status)
 
+    def _history_up_to(self, step: int) -> list[dict]:
+        """The per-step log of the steps before ``step`` (a resumed run drops the steps after its checkpoint)."""
+        path = self.job.out_dir / "train_log.jsonl"
+        history = []
+        if step > 0 and path.is_file():
+            history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:step]
+            history = [{k: v for k, v in m.items() if k != "step"} for m in history]
+        if self.dist.is_main:
+            with open(path, "w") as f:
+                for i, m in enumerate(history, 1):
+                    f.write(json.dumps({"step": i, **m}) + "\n")
+        return history
+
+    def _append_log(self, metrics: dict) -> None:
+        if self.dist.is_main:  # per step, so a killed run keeps its curve up to the last step
+            with open(self.job.out_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def _too_much_bad_data(self) -> bool:
+        robust = self.cfg.robustness
+        seen = self.bad_data.num_seen
+        return seen >= robust.min_samples_before_threshold and self.bad_data.num_bad > robust.max_bad_data_fraction * seen
+
+    def _bad_data_message(self) -> str:
+        return (f"{self.job.name}: bad data over the threshold on some rank (this rank: {self.bad_data.num_bad} of "
+                f"{self.bad_data.num_seen} samples unreadable or malformed, limit "
+                f"{self.cfg.robustness.max_bad_data_fraction:.0%}); examples: {'; '.join(self.bad_data.examples[:5])}")
+
+    def _load_items(self, indices: list[int]) -> list:
+        """Load a micro-batch. An unreadable sample is counted and replaced by the last readable one (or the next
+        readable one before any), so the batch keeps its size and a resumed run sees the same data."""
+        items = []
+        for index in indices:
+            self.bad_data.num_seen += 1
+            item = self._try_load(index, record=True)
+            candidate = index
+            while item is None:
+                if self._good_indices:
+                    candidate = self._good_indices[-1]
+                else:
+                    candidate = (candidate + 1) % len(self.dataset)
+                    if candidate == index:
+                        raise BadDataError(self._bad_data_message())
+                item = self._try_load(candidate, record=False)
+            items.append(item)
+        return items
+
+    def _try_load(self, index: int, *, record: bool):
+        from storms_dist.data.video_io import VideoDecodeError
+
+        try:
+            item = self.dataset[index]
+        except (VideoDecodeError, ValueError) as e:
+            if record:
+                self.bad_data.record(f"{self.dataset.samples[index].uid}: {e}")
+                print(f"[{self.job.name} rank {self.dist.rank}] skipping bad sample: {str(e)[:300]}", flush=True)
+            return None
+        self._good_indices.append(index)
+        del self._good_indices[:-1000]
+        return item
+
     def train_step(self, batches) -> dict:
-        engine, stage_cfg = self.engine, self.stage_cfg
+        engine, stage_cfg, robust = self.engine, self.stage_cfg, self.cfg.robustness
         timings = {"data_s": 0.0, "forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
         sums = {"loss": 0.0, "ce": 0.0, "align": 0.0}
-        num_tokens = num_samples = 0
+        num_tokens = num_samples = num_micro = num_nonfinite_in_row = 0
         step_start = time.perf_counter()
-        for _ in range(stage_cfg.grad_accum):
+        while num_micro < stage_cfg.grad_accum:
             t0 = time.perf_counter()
-            batch, layout = self.collate([self.dataset[i] for i in next(batches)])
+            batch, layout = self.collate(self._load_items(next(batches)))
             uids = batch.pop("uids")
             targets = self.targets[uids] if self.targets is not None else None
             t1 = time.perf_counter()
             out = engine(batch, layout, mode=stage_cfg.mode, targets_BKD=targets)
             t2 = time.perf_counter()
+            # all ranks agree before any backward: a non-finite loss anywhere drops this micro-batch everywhere
+            if all_reduce_max([0.0 if torch.isfinite(out.loss).item() else 1.0])[0] > 0:
+                self.num_skipped_nonfinite += 1
+                num_nonfinite_in_row += 1
+                message = (f"{self.job.name}: non-finite loss at step {self.step + 1} on some rank "
+                           f"(this rank: {out.loss.item()})")
+                if robust.on_nonfinite_loss == "stop" or num_nonfinite_in_row >= robust.max_consecutive_nonfinite:
+                    raise FloatingPointError(message)
+                if self.dist.is_main:
+                    print(message + "; micro-batch skipped", flush=True)
+                del out
+                continue
+            num_nonfinite_in_row = 0
             engine.backward(out.loss)
             t3 = time.perf_counter()
             engine.step()  # applies the optimizer only at the accumulation boundary
@@ -205,6 +377,7 @@ class Trainer:
             sums["align"] += 0.0 if out.align is None else out.align.item()
             num_tokens += int(batch["attention_mask"].sum())
             num_samples += len(uids)
+            num_micro += 1
         step_s = time.perf_counter() - step_start
         metrics = {k: v / stage_cfg.grad_accum for k, v in sums.items()}
         if self.targets is None:
@@ -217,6 +390,8 @@ class Trainer:
             tokens_per_s=num_tokens * self.dist.world_size / step_s,
             samples_per_s=num_samples * self.dist.world_size / step_s,
             peak_mem_gb=peak_memory_gb(),
+            bad_samples=float(self.bad_data.num_bad),
+            skipped_nonfinite=float(self.num_skipped_nonfinite),
             **timings,
         )
         return metrics
@@ -224,7 +399,8 @@ class Trainer:
     def finish(self, history: list[dict]) -> dict:
         """End-of-stage DeepSpeed checkpoint, then the save_pretrained export (consolidated on rank 0)."""
         job = self.job
-        self.engine.save_checkpoint(str(job.out_dir / "checkpoints"), tag=f"step{self.step}")
+        if self.resumed_from != tag_for(self.step):  # a finished run that is re-run only re-exports
+            self.save_checkpoint()
         state_dict = self.consolidated_state_dict()
         probe = self.probe_logits()
         export_dir = job.out_dir / "export"
@@ -238,10 +414,9 @@ class Trainer:
                        "mean_step_s": sum(m["step_s"] for m in history) / len(history),
                        "trainable_params": self.trainable_counts,
                        "loss_curve": [round(m["loss"], 5) for m in history]}
+            summary.update(bad_samples=self.bad_data.num_bad, bad_examples=self.bad_data.examples,
+                           skipped_nonfinite=self.num_skipped_nonfinite)
             (job.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            with open(job.out_dir / "train_log.jsonl", "w") as f:
-                for step, m in enumerate(history, 1):
-                    f.write(json.dumps({"step": step, **m}) + "\n")
             self.tracker.log_artifact(job.out_dir / "summary.json")
         barrier()
         return json.loads((job.out_dir / "summary.json").read_text())
