@@ -5,6 +5,7 @@
     storms targets CONFIG --init-from EXPORT [--out DIR]
     storms train CONFIG --stage {0,1,2} [--init-from EXPORT] [--nproc N] [KEY=VALUE ...]
     storms eval CONFIG --model EXPORT [--split test] [--out DIR]
+    storms export CHECKPOINT --out DIR
     storms infer --model EXPORT --video FILE --question TEXT --options A B C D
 """
 
@@ -72,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="export folder")
     p.add_argument("--split", default=None, help="manifest split (default: eval.split)")
     p.add_argument("--out", default=None, help="output folder (default: MODEL/../eval)")
+
+    p = sub.add_parser("export", help="consolidate a (ZeRO-3) training checkpoint into a save_pretrained export",
+                       description="Gather the ZeRO-partitioned weights of a stage's checkpoint (any world size, no "
+                                   "GPU or engine needed) into a folder transformers loads, plus the latent-token "
+                                   "settings. CHECKPOINT is a job's checkpoints/ folder (its latest) or one tag.")
+    p.add_argument("checkpoint", help="e.g. runs/NAME/stage2/checkpoints or runs/NAME/stage2/checkpoints/step000040")
+    p.add_argument("--out", required=True, help="export folder to write")
 
     p = sub.add_parser("infer", help="answer one question about one video with the latent rollout",
                        description="Prefill video + question, K latent steps, forced <|latent_end|>, greedy answer.")
@@ -179,6 +187,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from storms_dist.model.build import export_from_checkpoint
+
+    out = export_from_checkpoint(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
 def cmd_infer(args) -> int:
     from storms_dist.eval.evaluate import answer_one
 
@@ -191,7 +207,7 @@ def cmd_infer(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "targets": cmd_targets, "train": cmd_train, "eval": cmd_eval,
-            "infer": cmd_infer}
+            "export": cmd_export, "infer": cmd_infer}
 
 
 def main(argv: list[str] | None = None) -> int:

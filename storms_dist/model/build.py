@@ -230,6 +230,12 @@ def export_model(model: STORMSModel, tokenizer, out_dir: str | Path, *, num_late
     out_dir.mkdir(parents=True, exist_ok=True)
     model.backbone.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    write_latent_settings(model, out_dir, num_latents=num_latents, max_latents=max_latents, extra=extra)
+    return out_dir
+
+
+def write_latent_settings(model: STORMSModel, out_dir: Path, *, num_latents: int, max_latents: int,
+                          extra: dict | None = None) -> None:
     ids = model.token_ids
     settings = {
         "backbone": model.spec.name,
@@ -242,8 +248,39 @@ def export_model(model: STORMSModel, tokenizer, out_dir: str | Path, *, num_late
         "align_weight": model.align_weight,
         **(extra or {}),
     }
-    (out_dir / LATENT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    return out_dir
+    (Path(out_dir) / LATENT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def export_from_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Consolidate a (ZeRO-3, any world size) training checkpoint into an export, without an engine.
+
+    ``checkpoint_dir`` is a job's ``checkpoints/<tag>`` folder (or the job's ``checkpoints`` folder: its latest).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if (checkpoint_dir / "latest").is_file():
+        checkpoint_dir = checkpoint_dir / (checkpoint_dir / "latest").read_text().strip()
+    meta = checkpoint_dir / "meta"
+    if not (meta / LATENT_SETTINGS_FILE).is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: not a STORMS training checkpoint (missing meta/{LATENT_SETTINGS_FILE})")
+    settings = read_latent_settings(meta)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+    prefix = "backbone."
+    backbone_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    backbone = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(meta))
+    missing, unexpected = backbone.load_state_dict(backbone_state, strict=False)
+    tied = {"lm_head.weight"} if backbone.config.get_text_config().tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"{checkpoint_dir}: checkpoint does not match its config "
+                           f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    tokenizer = build_tokenizer(meta)
+    model = STORMSModel(backbone, get_backbone(settings["backbone"]), latent_token_ids(tokenizer),
+                        align_loss=settings["align_loss"], align_weight=settings["align_weight"])
+    extra = {k: v for k, v in settings.items() if k in ("stage", "job", "steps")}
+    return export_model(model, tokenizer, out_dir, num_latents=settings["num_latents"],
+                        max_latents=settings["max_latents"], extra=extra)
 
 
 def read_latent_settings(export_dir: str | Path) -> dict:

@@ -73,6 +73,9 @@ class STORMSModel(nn.Module):
         self.align_loss = align_loss
         self.align_weight = align_weight
         self.video_token_id = backbone.config.video_token_id
+        self.gather_latent_passes = False
+        """ZeRO-3: keep the decoder's parameters gathered from the prefill to the suffix pass (one all-gather per
+        parameter instead of one per pass). Set by the trainer from ``deepspeed.gather_latent_passes``."""
         self.sync_ranks = False
         """Under ZeRO-3 with several ranks every rank must run the same modules the same number of times (each
         call all-gathers parameters): set by the trainer when world_size > 1."""
@@ -221,7 +224,7 @@ class STORMSModel(nn.Module):
             first = P - 1 if num_latents == 0 else S0
             answer_hidden_BTD = hidden_BLD[:, first:-1]
         elif mode == "rollout":
-            with self.decoder_checkpointing_off():
+            with self.decoder_checkpointing_off(), self.decoder_kept_gathered(self.gather_latent_passes):
                 return self._rollout(batch, layout, embeds_BLD, pos_3BL, visual, video_mask_BL, targets_BKD)
         else:
             raise ValueError(f"unknown forward mode {mode!r}")
@@ -253,6 +256,24 @@ class STORMSModel(nn.Module):
             loss = ce + self.align_weight * align
         return STORMSOutput(loss=loss, ce=ce.detach(), align=None if align is None else align.detach(),
                             num_answer_tokens=num_answer_tokens, latents_BKD=latents_BKD)
+
+    @contextmanager
+    def decoder_kept_gathered(self, enabled: bool) -> Iterator[None]:
+        """ZeRO-3 releases (re-partitions) a parameter after every module call unless it is persistent: mark the
+        decoder's partitioned parameters persistent for this scope, so the first pass gathers them and the later
+        passes reuse them; the first module call after the scope releases them as usual."""
+        params = [p for p in self.backbone.model.language_model.parameters() if hasattr(p, "ds_persist")]
+        if not enabled or not params:
+            yield
+            return
+        was_persistent = [p.ds_persist for p in params]
+        for param in params:
+            param.ds_persist = True
+        try:
+            yield
+        finally:
+            for param, persistent in zip(params, was_persistent):
+                param.ds_persist = persistent
 
     @contextmanager
     def decoder_checkpointing_off(self) -> Iterator[None]:

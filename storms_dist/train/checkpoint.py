@@ -4,6 +4,7 @@ Layout under ``<job>/checkpoints/``::
 
     step000040/            DeepSpeed engine state (model, ZeRO-partitioned optimizer, LR scheduler) + ours:
       trainer_state.json     step, sampler position, MLflow run id, counters (rank 0)
+      meta/                  HF config, tokenizer, latent settings (for ``storms export``)
       rng_rank{r}.pt         every rank's RNG states
     latest                 "step000040": written last, with an atomic rename
 
@@ -28,6 +29,8 @@ from storms_dist.train.distributed import barrier
 
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"
+META_DIR = "meta"
+"""HF config + tokenizer + latent settings: enough to rebuild the model around consolidated weights."""
 
 
 @dataclass(kw_only=True)
@@ -79,8 +82,9 @@ class CheckpointManager:
             raise FileNotFoundError(f"{path} names {tag!r}, which does not exist: the checkpoint folder was edited")
         return tag
 
-    def save(self, engine, step: int, state: dict[str, Any]) -> Path:
-        """Collective: every rank writes its shards into ``<tag>.tmp``; rank 0 publishes it."""
+    def save(self, engine, step: int, state: dict[str, Any], write_meta=None) -> Path:
+        """Collective: every rank writes its shards into ``<tag>.tmp``; rank 0 adds ``write_meta(folder)`` (what
+        ``storms export`` needs to rebuild the model) and publishes it."""
         tag = tag_for(step)
         tmp_tag = f"{tag}.tmp"
         if self.rank == 0:
@@ -91,6 +95,8 @@ class CheckpointManager:
         if self.rank == 0:
             payload = {**state, "step": step, "world_size": self.world_size}
             (self.directory / tmp_tag / STATE_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+            if write_meta is not None:
+                write_meta(self.directory / tmp_tag / META_DIR)
         barrier()
         if self.rank == 0:
             shutil.rmtree(self.directory / tag, ignore_errors=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from storms_dist.train.optim import OptimConfig
@@ -20,10 +22,26 @@ class DeepSpeedConfig:
     """Parameters smaller than this stay gathered on every rank (no all-gather per forward)."""
     stage3_max_live_parameters: int = 1_000_000_000
     stage3_max_reuse_distance: int = 1_000_000_000
+    zeropp_hpz_partition_size: int = 1
+    """ZeRO++ hpZ: secondary parameter partition within a node (set to GPUs per node for multi-node; 1 = off)."""
+    zeropp_quantized_weights: bool = False
+    """ZeRO++ qwZ: int8-quantised weight all-gathers (multi-node bandwidth)."""
+    zeropp_quantized_gradients: bool = False
+    """ZeRO++ qgZ: quantised gradient reduce-scatter."""
+    gather_latent_passes: bool = False
+    """Keep the decoder's parameters gathered across the K+2 rollout passes (one all-gather instead of K+2);
+    costs the memory of the full decoder on every rank while the rollout runs. ZeRO-3 only."""
+    user_config: str | None = None
+    """A DeepSpeed JSON whose keys are added to the generated config. A key that sets something our config
+    already decides (batch sizes, optimizer, ZeRO stage...) to a different value is an error, not a silent merge."""
 
     def __post_init__(self):
         if self.offload_params != "none" and self.zero_stage != 3:
             raise ValueError(f"offload_params: parameter offload needs zero_stage 3, got zero_stage {self.zero_stage}")
+        if self.zeropp_hpz_partition_size < 1:
+            raise ValueError(f"zeropp_hpz_partition_size: expected >= 1, got {self.zeropp_hpz_partition_size}")
+        if self.user_config is not None and not Path(self.user_config).is_file():
+            raise ValueError(f"user_config: {self.user_config!r} does not exist (expected a DeepSpeed JSON file)")
 
 
 def build_ds_config(
@@ -46,11 +64,17 @@ def build_ds_config(
             stage3_max_reuse_distance=cfg.stage3_max_reuse_distance,
             stage3_gather_16bit_weights_on_model_save=False,
         )
+    if cfg.zero_stage == 3 and cfg.zeropp_hpz_partition_size > 1:
+        zero["zero_hpz_partition_size"] = cfg.zeropp_hpz_partition_size
+    if cfg.zero_stage == 3 and cfg.zeropp_quantized_weights:
+        zero["zero_quantized_weights"] = True
+    if cfg.zero_stage == 3 and cfg.zeropp_quantized_gradients:
+        zero["zero_quantized_gradients"] = True
     if cfg.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": cfg.offload_optimizer}
     if cfg.offload_params != "none":
         zero["offload_param"] = {"device": cfg.offload_params}
-    return {
+    generated = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch_size * grad_accum * world_size,
@@ -67,3 +91,24 @@ def build_ds_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.user_config is None:
+        return generated
+    user = json.loads(Path(cfg.user_config).read_text())
+    return merge_user_config(generated, user, source=cfg.user_config)
+
+
+def merge_user_config(generated: dict[str, Any], user: dict[str, Any], *, source: str, _path: str = "") -> dict[str, Any]:
+    """Add the user's keys; the same key with a different value (our config decides it) raises ValueError."""
+    merged = dict(generated)
+    for key, value in user.items():
+        where = f"{_path}.{key}" if _path else key
+        if key not in merged or value == "auto":
+            if value != "auto":
+                merged[key] = value
+        elif isinstance(value, dict) and isinstance(merged[key], dict):
+            merged[key] = merge_user_config(merged[key], value, source=source, _path=where)
+        elif value != merged[key]:
+            raise ValueError(f"{source}: {where}={value!r} conflicts with the value our config generates "
+                             f"({merged[key]!r}); set it through the storms config instead (e.g. deepspeed.*, "
+                             f"optim.*, stageN.micro_batch_size) or drop it from the JSON")
+    return merged

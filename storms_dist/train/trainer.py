@@ -28,6 +28,7 @@ from storms_dist.model.build import (
     build_tokenizer,
     export_model,
     latent_token_ids,
+    write_latent_settings,
     param_groups,
 )
 from storms_dist.train.deepspeed_config import build_ds_config
@@ -143,6 +144,7 @@ class Trainer:
         self.targets = self._thought_video_targets() if self.stage_cfg.align else None
         self.model.train()
         self.model.sync_ranks = self.dist.world_size > 1
+        self.model.gather_latent_passes = cfg.deepspeed.gather_latent_passes and cfg.deepspeed.zero_stage == 3
 
         self.engine = self._build_engine()
         self.tracker = Tracker(cfg.tracking, Path(cfg.runs_dir), is_main_process=self.dist.is_main)
@@ -181,7 +183,14 @@ class Trainer:
         state = {"sampler": self.sampler.state_dict(), "mlflow_run_id": self.mlflow_run_id,
                  "bad_data": asdict(self.bad_data), "num_skipped_nonfinite": self.num_skipped_nonfinite,
                  "good_indices": self._good_indices[-1000:]}
-        return self.checkpoints.save(self.engine, self.step, state)
+        return self.checkpoints.save(self.engine, self.step, state, write_meta=self._write_checkpoint_meta)
+
+    def _write_checkpoint_meta(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.backbone.config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        write_latent_settings(self.model, folder, num_latents=self.num_latents, max_latents=self.cfg.model.max_latents,
+                              extra={"stage": self.job.stage, "job": self.job.name, "steps": self.step})
 
     def _thought_video_targets(self):
         """Stage I targets from this stage's starting checkpoint: rank 0 (re)builds a stale or missing cache."""
