@@ -37,9 +37,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, explicitly, so the resolver never considers another torch build for deepspeed & co.
+# The dali extra (nvidia-dali-cuda130, ~200 MB wheel, ~590 MB installed) is part of the test install so that CI runs
+# the real DALI tests (tests/test_dali.py) on CPU; it does not pull in another torch.
 $(STAMP): setup.cfg pyproject.toml constraints.txt | $(PY)
 	$(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,dali]"
 	@$(PY) -c "import torch; v = torch.__version__; assert v.startswith('$(TORCH_VERSION)'), f'torch {v} installed, expected $(TORCH_VERSION)'; print(f'torch {v}, cuda available: {torch.cuda.is_available()}')"
 	@touch $@
 

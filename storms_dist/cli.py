@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="e.g. runs/NAME/stage2/checkpoints or runs/NAME/stage2/checkpoints/step000040")
     p.add_argument("--out", required=True, help="export folder to write")
 
+    from storms_dist.benchmarks.cli import add_data_parser, add_score_parser
+
+    add_score_parser(sub)
+    add_data_parser(sub)
+
     p = sub.add_parser("infer", help="answer one question about one video with the latent rollout",
                        description="Prefill video + question, K latent steps, forced <|latent_end|>, greedy answer.")
     p.add_argument("--model", required=True, help="export folder")
@@ -187,6 +192,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from storms_dist.benchmarks.cli import cmd_score as score
+
+    return score(args)
+
+
+def cmd_data(args) -> int:
+    from storms_dist.benchmarks.cli import cmd_data as data
+
+    return data(args)
+
+
 def cmd_export(args) -> int:
     from storms_dist.model.build import export_from_checkpoint
 
@@ -207,7 +224,7 @@ def cmd_infer(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "targets": cmd_targets, "train": cmd_train, "eval": cmd_eval,
-            "export": cmd_export, "infer": cmd_infer}
+            "export": cmd_export, "infer": cmd_infer, "score": cmd_score, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

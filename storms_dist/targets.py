@@ -130,3 +130,111 @@ def build_targets(
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_dir.rename(out_dir)  # atomic: a half-written cache never carries a valid stamp
     return TargetStore(out_dir)
+
+
+# ---- range-sharded building (Slurm job arrays): one part per array task, then one merge ----
+PART_STAMP_SUFFIX = ".json"
+
+
+def part_range(num_samples: int, index: int, count: int) -> tuple[int, int]:
+    """Contiguous ``[start, stop)`` of array task ``index`` of ``count`` (sizes differ by at most one)."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"part {index} of {count}: expected 0 <= index < count")
+    base, extra = divmod(num_samples, count)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def part_name(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
+
+
+@torch.no_grad()
+def build_target_part(
+    model: STORMSModel,
+    samples: Sequence[Sample],
+    spec: VisionSpec,
+    data_cfg: DataConfig,
+    parts_dir: Path,
+    *,
+    index: int,
+    count: int,
+    num_latents: int,
+    cfg: TargetsConfig = TargetsConfig(),
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> Path | None:
+    """Encode part ``index`` of ``count`` (a contiguous range of the thought-video samples) into
+    ``parts_dir/part-IIIII-of-CCCCC.safetensors`` with the stamp of the *whole* cache next to it.
+
+    Same samples, model and stamp as :func:`build_targets`, so :func:`merge_target_parts` yields a cache that
+    ``build_targets`` (and the trainer) accept as current. Idempotent: a part with the same stamp is kept, and
+    nothing is done when ``cache_dir`` already holds a current merged cache (returns None then).
+    """
+    parts_dir = Path(parts_dir)
+    samples = [s for s in samples if s.thought_video is not None]
+    if not samples:
+        raise ValueError("no sample has a thought_video: Stage I needs thought-video targets")
+    stamp = target_stamp(model, num_latents, data_cfg, samples)
+    if cache_dir is not None and is_current(cache_dir, stamp):
+        return None
+    name = part_name(index, count)
+    stamp_path = parts_dir / f"{name}{PART_STAMP_SUFFIX}"
+    part_path = parts_dir / f"{name}.safetensors"
+    if part_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        return part_path
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    stamp_path.unlink(missing_ok=True)
+    start, stop = part_range(len(samples), index, count)
+    device = next(model.parameters()).device
+    model.eval()
+    from tqdm import tqdm
+
+    chunk_samples = samples[start:stop]
+    bar = tqdm(total=len(chunk_samples), desc=f"thought-video targets {name}", disable=not progress, unit="video")
+    part: dict[str, torch.Tensor] = {}
+    for offset in range(0, len(chunk_samples), cfg.batch_size):
+        chunk = chunk_samples[offset : offset + cfg.batch_size]
+        videos = [load_video_inputs(s.thought_path, spec, data_cfg) for s in chunk]
+        visual = model.encode_video(torch.cat([v.pixel_values_videos for v in videos]).to(device),
+                                    torch.stack([v.video_grid_thw for v in videos]).to(device))
+        merge = spec.merge_size**2
+        num_tokens = [int(v.video_grid_thw.prod()) // merge for v in videos]
+        for sample, tokens_MD in zip(chunk, visual.embeds_ND.split(num_tokens)):
+            part[sample.uid] = pool_targets(tokens_MD.float(), num_latents).cpu().contiguous()
+        bar.update(len(chunk))
+    bar.close()
+    tmp = parts_dir / f"{name}.tmp.safetensors"
+    save_file(part, str(tmp))
+    tmp.replace(part_path)
+    stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")  # written last: a part without it is incomplete
+    return part_path
+
+
+def merge_target_parts(parts_dir: Path, out_dir: Path, *, count: int) -> TargetStore:
+    """Gather the ``count`` parts of :func:`build_target_part` into ``out_dir`` in :func:`build_targets`' layout
+    (``shard-*.safetensors`` + ``stamp.json``), atomically. Every part must be there, with one and the same stamp.
+    A current cache in ``out_dir`` with no parts left (merged before) is returned as is."""
+    parts_dir, out_dir = Path(parts_dir), Path(out_dir)
+    names = [part_name(i, count) for i in range(count)]
+    missing = [n for n in names if not (parts_dir / f"{n}.safetensors").is_file()
+               or not (parts_dir / f"{n}{PART_STAMP_SUFFIX}").is_file()]
+    if missing:
+        if not any((parts_dir / f"{n}.safetensors").is_file() for n in names) and (out_dir / STAMP_FILE).is_file():
+            return TargetStore(out_dir)  # already merged
+        raise FileNotFoundError(f"{parts_dir}: thought-video target parts missing: {', '.join(missing[:4])}"
+                                f"{' ...' if len(missing) > 4 else ''} (did every targets array task finish?)")
+    stamps = [json.loads((parts_dir / f"{n}{PART_STAMP_SUFFIX}").read_text()) for n in names]
+    if any(s != stamps[0] for s in stamps[1:]):
+        raise ValueError(f"{parts_dir}: the target parts disagree on their stamp (built from different models, data "
+                         f"or K); delete the folder and rebuild the targets")
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    for i, n in enumerate(names):
+        shutil.copyfile(parts_dir / f"{n}.safetensors", tmp_dir / f"shard-{i:05d}.safetensors")
+    (tmp_dir / STAMP_FILE).write_text(json.dumps(stamps[0], indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp_dir.rename(out_dir)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return TargetStore(out_dir)

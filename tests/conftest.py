@@ -24,3 +24,34 @@ def shared_torch_extensions():
     from pathlib import Path
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "runs" / "torch_extensions"))
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def tiny_run_config(tmp, data_root, **overrides: str):
+    """The micro backbone on a 32-video synthetic set: seconds per stage on 2 CPU ranks."""
+    from storms_dist.config import load_config
+    from storms_dist.run_config import RunConfig
+
+    items = {
+        "runs_dir": str(tmp / "runs"), "name": "it", "nproc": "2",
+        "data.root": str(data_root), "synth.num_train": "32", "synth.num_val": "8", "synth.num_test": "8",
+        "synth.size": "56", "synth.workers": "1", "data.frames.num_frames": "8", "data.frames.max_frames": "8",
+        "data.max_pixels": "3136", "model.backbone": "qwen2_5_vl-micro", "model.num_latents": "3",
+        "optim.lr": "3e-3", "optim.warmup_steps": "1", "optim.schedule": "constant",
+        "stage1.num_steps": "6", "stage1.micro_batch_size": "4", "stage2.num_steps": "6",
+        "stage2.micro_batch_size": "4", "tracking.flush_every": "4",
+        **overrides,
+    }
+    return load_config(RunConfig, REPO / "configs/demo/synth_quick.yaml", [f"{k}={v}" for k, v in items.items()])
+
+
+@pytest.fixture(scope="session")
+def tiny_synth_root(tmp_path_factory):
+    """A 32/8/8-video synthetic set with thought videos, generated once per test session."""
+    from storms_dist.pipeline import ensure_synth
+
+    root = tmp_path_factory.mktemp("synth")
+    ensure_synth(tiny_run_config(root, root / "data"), progress=False)
+    return root / "data"

@@ -131,7 +131,7 @@ def test_check_lists_missing_corrupt_and_frame_folders(mvbench_root: Path) -> No
     report = BENCHMARKS["mvbench"].check(mvbench_root, workers=3)
     assert [path.name for path, _, _ in report.missing] == ["video_10003.mp4"]
     assert sorted(path.name for path, _ in report.unreadable) == ["S001C001P001R001A001_rgb.avi", "video_10002.mp4"]
-    reasons = dict((path.name, reason) for path, reason in report.unreadable)
+    reasons = {path.name: reason for path, reason in report.unreadable}
     assert "empty" in reasons["video_10002.mp4"] and "not a regular file" in reasons["S001C001P001R001A001_rgb.avi"]
     assert any("17 of 20 task files missing" in note for note in report.notes)
 

@@ -8,8 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storms_dist.benchmarks import BENCHMARKS, BenchmarkDataError, extract_mcq_letter
-from storms_dist.benchmarks import videomme
+from storms_dist.benchmarks import (
+    BENCHMARKS,
+    BenchmarkDataError,
+    extract_mcq_letter,
+    videomme,
+)
 from storms_dist.data.video_io import encoder_available, write_video
 
 pa = pytest.importorskip("pyarrow")
@@ -196,6 +200,15 @@ def test_malformed_rows_name_file_row_and_field(tmp_path: Path) -> None:
         BENCHMARKS["videomme"].load(tmp_path / "dup")
     with pytest.raises(BenchmarkDataError, match="expected videomme/test-00000-of-00001.parquet"):
         BENCHMARKS["videomme"].load(tmp_path)
+
+
+def test_damaged_parquet_is_a_one_line_error(tmp_path: Path) -> None:
+    damaged = tmp_path / "videomme" / "test-00000-of-00001.parquet"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"PAR1 truncated download")
+    with pytest.raises(BenchmarkDataError, match=r"test-00000-of-00001\.parquet: parquet: expected a readable") as e:
+        BENCHMARKS["videomme"].load(tmp_path)
+    assert "\n" not in str(e.value)
 
 
 def test_missing_pyarrow_names_the_package(videomme_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,43 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from storms_dist.config import load_config
-from storms_dist.pipeline import ensure_synth, run_training
-from storms_dist.run_config import RunConfig
+from conftest import REPO, tiny_run_config
+from storms_dist.pipeline import run_training
 from storms_dist.train.trainer import TrainJob
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_run_config(tmp: Path, data_root: Path, **overrides: str) -> RunConfig:
-    items = {
-        "runs_dir": str(tmp / "runs"), "name": "it", "nproc": "2",
-        "data.root": str(data_root), "synth.num_train": "32", "synth.num_val": "8", "synth.num_test": "8",
-        "synth.size": "56", "synth.workers": "1", "data.frames.num_frames": "8", "data.frames.max_frames": "8",
-        "data.max_pixels": "3136", "model.backbone": "qwen2_5_vl-micro", "model.num_latents": "3",
-        "optim.lr": "3e-3", "optim.warmup_steps": "1", "optim.schedule": "constant",
-        "stage1.num_steps": "6", "stage1.micro_batch_size": "4", "stage2.num_steps": "6",
-        "stage2.micro_batch_size": "4", "tracking.flush_every": "4",
-        **overrides,
-    }
-    return load_config(RunConfig, REPO / "configs/demo/synth_quick.yaml", [f"{k}={v}" for k, v in items.items()])
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    cfg = tiny_run_config(root, root / "data")
-    ensure_synth(cfg, progress=False)
-    return root / "data"
 
 
 def mean(values):
     return sum(values) / len(values)
 
 
-def test_zero3_two_ranks_stage1_then_stage2(tmp_path, synth_root):
-    cfg = tiny_run_config(tmp_path, synth_root)
+def test_zero3_two_ranks_stage1_then_stage2(tmp_path, tiny_synth_root):
+    cfg = tiny_run_config(tmp_path, tiny_synth_root)
     run_dir = cfg.run_dir
     stage1 = run_training(cfg, TrainJob(name="stage1", stage=1, stage_cfg=cfg.stage1, out_dir=run_dir / "stage1",
                                         init_from=None, targets_dir=run_dir / "targets"))

@@ -17,8 +17,8 @@ from typing import Final
 
 from storms_dist.benchmarks import mmvu, mvbench, tempcompass, videomme
 from storms_dist.benchmarks.common import (
-    Benchmark,
     BenchItem,
+    Benchmark,
     BenchmarkDataError,
     CheckReport,
     ItemScore,
@@ -46,6 +46,18 @@ def get_benchmark(name: str) -> Benchmark:
 
 
 __all__ = [
-    "BENCHMARKS", "Benchmark", "BenchItem", "BenchmarkDataError", "CheckReport", "ItemScore", "Judge", "JudgeError",
-    "OpenAIJudge", "extract_mcq_letter", "get_benchmark", "read_predictions", "strip_reasoning", "to_samples",
+    "BENCHMARKS",
+    "BenchItem",
+    "Benchmark",
+    "BenchmarkDataError",
+    "CheckReport",
+    "ItemScore",
+    "Judge",
+    "JudgeError",
+    "OpenAIJudge",
+    "extract_mcq_letter",
+    "get_benchmark",
+    "read_predictions",
+    "strip_reasoning",
+    "to_samples",
 ]

@@ -22,7 +22,6 @@ from storms_dist.benchmarks.common import BenchmarkDataError
 from storms_dist.benchmarks.judge import Judge, JudgeError, OpenAIJudge
 
 
-
 def add_score_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "score", help="score raw model outputs on Video-MME / MVBench / TempCompass / MMVU",

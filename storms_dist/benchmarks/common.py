@@ -188,9 +188,11 @@ def read_parquet_rows(path: Path) -> list[dict[str, Any]]:
     except ImportError:
         raise ImportError(f"{path}: reading the HF parquet release needs pyarrow, which is not installed; "
                           "install it with `pip install pyarrow`") from None
+    import pyarrow as pa
+
     try:
         return pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses for damaged files
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid for damaged files
         message = " ".join(str(e).split())
         raise BenchmarkDataError(f"{path}: parquet: expected a readable parquet file ({message})") from None
 

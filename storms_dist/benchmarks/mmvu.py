@@ -27,8 +27,8 @@ from typing import Any, Final
 from urllib.parse import urlparse
 
 from storms_dist.benchmarks.common import (
-    Benchmark,
     BenchItem,
+    Benchmark,
     BenchmarkDataError,
     ItemScore,
     expect_str,
@@ -242,9 +242,9 @@ def open_ended_rule(prediction: str, answer: str, *, lmms_eval_compat: bool = Fa
     gold_words = [w.strip(string.punctuation) for w in gold_clean.split() if w.strip(string.punctuation)]
     pred_words = [w.strip(string.punctuation) for w in pred_clean.split() if w.strip(string.punctuation)]
     long_gold_words = [w for w in gold_words if len(w) > 2]
-    if 2 <= len(gold_words) <= 5 and (lmms_eval_compat or long_gold_words):
-        if all(word in pred_words for word in long_gold_words):
-            return True
+    if (2 <= len(gold_words) <= 5 and (lmms_eval_compat or long_gold_words)
+            and all(word in pred_words for word in long_gold_words)):
+        return True
     pred_big_o = re.search(r"O\s*\([^)]+\)", pred_clean, re.IGNORECASE)
     gold_big_o = re.search(r"O\s*\([^)]+\)", gold_clean, re.IGNORECASE)
     return bool(pred_big_o and gold_big_o

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from storms_dist.benchmarks.common import (
-    Benchmark,
     BenchItem,
+    Benchmark,
     BenchmarkDataError,
     ItemScore,
-    accuracy_percent,
     expect_str,
     expect_str_list,
     read_json,
@@ -197,12 +196,13 @@ def extra_summary(items: Sequence[BenchItem], predictions: Mapping[str, str], sc
         if predictions.get(item.uid, "") != "":
             counts[2] += bool(score.correct)
             counts[3] += 1
-    per_task = [accuracy_percent(c, n) for c, n, _, _ in tally.values()]
-    per_task_answered = {task: accuracy_percent(c, n) for task, (_, _, c, n) in tally.items()}
-    answered_values = [value if value is not None else 0.0 for value in per_task_answered.values()]
+    per_task = [100.0 * c / n for c, n, _, _ in tally.values()]  # n >= 1: every task in the tally has a question
+    # lmms-eval reports 0 for a task with no non-empty prediction
+    per_task_answered = {task: 100.0 * c / n if n else 0.0 for task, (_, _, c, n) in tally.items()}
     return {
-        "mean_task_accuracy": sum(per_task) / len(per_task) if per_task else None,  # type: ignore[arg-type]
-        "mean_task_accuracy_lmms_eval": sum(answered_values) / len(answered_values) if answered_values else None,
+        "mean_task_accuracy": sum(per_task) / len(per_task) if per_task else None,
+        "mean_task_accuracy_lmms_eval": (sum(per_task_answered.values()) / len(per_task_answered)
+                                         if per_task_answered else None),
         "task_accuracy_lmms_eval": per_task_answered,
     }
 

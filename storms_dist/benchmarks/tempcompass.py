@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from storms_dist.benchmarks.common import (
-    Benchmark,
     BenchItem,
+    Benchmark,
     BenchmarkDataError,
     ItemScore,
     accuracy_percent,
@@ -73,10 +73,10 @@ _FALLBACK_JUDGE_WORDING: Final[dict[str, tuple[str, str]]] = {
 }
 
 _CAPTION_JUDGE_LINES: Final = (
-    "You will receive a video description and a multi-choice question. Your task is to choose the correct answer and "
-    "briefly explain the reason why you choose the answer.     If none of the choice candidates are correct or the "
-    "video description lacks enough information to answer the question, just answer \"None of the choices are "
-    "correct\".     Please organize your response in this format:",
+    ("You will receive a video description and a multi-choice question. Your task is to choose the correct answer and "
+     "briefly explain the reason why you choose the answer.     If none of the choice candidates are correct or the "
+     "video description lacks enough information to answer the question, just answer \"None of the choices are "
+     "correct\".     Please organize your response in this format:"),
     "```", "Reasoning: [Your reason to obtain the answer]", "Answer: [Your answer]", "```", "",
     "Here are some examples of video description, multi-choice question and the expected answer:", "```",
     "Video Description: A person is palying football.", "Multi-Choice Question:",
@@ -88,8 +88,8 @@ _CAPTION_JUDGE_LINES: Final = (
     "Reasoning: The video description mentions that the bird is flying clockwise", "Answer: C. clockwise", "",
     "Video Description: An air balloon is inflating.", "Multi-Choice Question:", "What is happening to the air balloon?",
     "A. exploding", "B. getting smaller", "C. flying",
-    "Reasoning: The video description mentions that the air balloon is inflating, while none of the coices can be "
-    "explained as inflating.",
+    ("Reasoning: The video description mentions that the air balloon is inflating, while none of the coices can be "
+     "explained as inflating."),
     "Answer: None of the choices are correct", "```",
 )
 # lmms-eval's captioning prompt, typos included (a 4-space-indented triple-quoted string; blank lines stay empty).

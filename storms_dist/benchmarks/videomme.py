@@ -24,8 +24,8 @@ from typing import Any, Final
 import numpy as np
 
 from storms_dist.benchmarks.common import (
-    Benchmark,
     BenchItem,
+    Benchmark,
     BenchmarkDataError,
     ItemScore,
     accuracy_percent,

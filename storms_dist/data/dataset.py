@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 
+from storms_dist.data.dali import DECODERS, DaliVideoLoader, decode_video_frames
 from storms_dist.data.manifest import Sample, read_manifest
 from storms_dist.data.preprocess import ResizeConfig, VisionSpec, preprocess_video
 from storms_dist.data.prompt import answer_tokens, build_prompt
 from storms_dist.data.sampling import FrameSamplingConfig, sample_frame_indices, sampled_timestamps, second_per_grid_t
-from storms_dist.data.video_io import decode_frames, probe_video
+from storms_dist.data.video_io import VideoInfo, probe_video
 from storms_dist.model.latent import LatentTokenIds, SlotLayout, collate_latent_batch
 
 
@@ -35,8 +36,15 @@ class DataConfig:
     max_pixels: int = 112 * 112
     cache_decoded: bool = True
     """Keep preprocessed videos and prompts in memory (small synthetic sets: epochs after the first skip decoding)."""
+    decoder: Literal["auto", "pyav", "dali"] = "auto"
+    """Video decoding backend, chosen per file by ``storms_dist.data.dali.select_backend``: ``auto`` = DALI's GPU
+    decoder when CUDA and DALI are present, DALI's CPU decoder for VP8/VP9/MJPEG when DALI is installed, else PyAV;
+    ``dali`` = DALI only; ``pyav`` = PyAV only. DALI's RGB differs from PyAV's within a documented tolerance
+    (BT.601 + bilinear chroma; see storms_dist/data/dali.py)."""
 
     def __post_init__(self):
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder: expected one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
 
@@ -61,10 +69,16 @@ class VideoInputs:
 
 
 def load_video_inputs(path: Path, spec: VisionSpec, cfg: DataConfig) -> VideoInputs:
-    """Decode the sampled frames of one video file and preprocess them for the backbone."""
+    """Decode the sampled frames of one video file (backend per ``cfg.decoder``) and preprocess them for the backbone."""
     info = probe_video(path)
     indices = sample_frame_indices(info.num_frames, info.fps, cfg.frames)
-    frames = decode_frames(path, indices)
+    frames = decode_video_frames(path, indices, cfg.decoder, info=info)
+    return video_inputs_from_frames(frames, indices, info, spec, cfg)
+
+
+def video_inputs_from_frames(frames, indices: Sequence[int], info: VideoInfo, spec: VisionSpec,
+                             cfg: DataConfig) -> VideoInputs:
+    """Decoded frames ``[T, H, W, 3]`` uint8 (numpy, or a torch tensor that stays on its device) -> VideoInputs."""
     processed = preprocess_video(frames, spec, cfg.resize)
     return VideoInputs(processed.pixel_values_videos, processed.video_grid_thw, sampled_timestamps(indices, info.fps),
                        second_per_grid_t(indices, info.fps, spec.temporal_patch_size))
@@ -99,6 +113,27 @@ class VideoQADataset(torch.utils.data.Dataset):
         if path not in self._video_cache:
             self._video_cache[path] = load_video_inputs(path, self.spec, self.cfg)
         return self._video_cache[path]
+
+    def preload(self, indices: Sequence[int] | None = None, *, rank: int = 0, world_size: int = 1,
+                batch_size: int = 8) -> int:
+        """Decode and preprocess the videos of items ``indices`` (default: all), this rank's share of them, into the
+        video cache through a prefetching :class:`DaliVideoLoader` (PyAV for files DALI does not take). On the GPU
+        path frames stay on the GPU through preprocessing. Unreadable videos are left out (``__getitem__`` raises for
+        them later, as usual). Rank ``r`` gets every ``world_size``-th distinct video from ``r``, whatever is cached
+        already, so the shards stay stable. Returns how many videos were cached; needs ``cache_decoded``."""
+        if not self.cfg.cache_decoded:
+            raise ValueError("preload fills the decoded-video cache; it needs data.cache_decoded = true")
+        chosen = range(len(self.samples)) if indices is None else indices
+        paths = list(dict.fromkeys(self.samples[i].video_path for i in chosen))
+        loader = DaliVideoLoader([(p, None) for p in paths], decoder=self.cfg.decoder, frames=self.cfg.frames,
+                                 rank=rank, world_size=world_size, batch_size=batch_size)
+        num_cached = 0
+        for video in loader:
+            if video.error is None:
+                self._video_cache[video.path] = video_inputs_from_frames(video.frames, video.indices, video.info,
+                                                                         self.spec, self.cfg)
+                num_cached += 1
+        return num_cached
 
     def __getitem__(self, index: int) -> Item:
         if self.cfg.cache_decoded and index in self._item_cache:
