@@ -10,8 +10,8 @@ that can decode it, in two modes:
 
 Backends: ``pyav`` (``decode_frames``, one file at a time), ``dali-cpu`` / ``dali-gpu`` (``decode_frames_dali``, one
 file at a time through the cached single-video pipeline, given the ``probe_video`` result as training does), ``dali-cpu-loader`` / ``dali-gpu-loader``
-(``DaliVideoLoader``: ``--batch-size`` files per pipeline run, prefetching; each pass builds its pipeline and probes
-every file with PyAV for its frame count, as a real epoch does). GPU rows run only when CUDA and DALI are
+(``DaliVideoLoader``: ``--batch-size`` files per pipeline run, prefetching; one pass is one epoch of the same loader,
+which probes every file with PyAV for its frame count and rewinds its pipeline, as a real epoch does). GPU rows run only when CUDA and DALI are
 present; the GPU timings include ``torch.cuda.synchronize()``; frames stay on the GPU (no host copy).
 
 frames/s = frames returned / wall time of one pass over all clips; the median of ``--repeats`` passes after one
@@ -109,9 +109,10 @@ def backends(requests: list[tuple[Path, list[int]]], infos: list, batch_size: in
                            for (p, idx), info in zip(requests, infos))
 
     def loader(device: str) -> Callable[[], int]:
-        def run() -> int:
-            videos = DaliVideoLoader(requests, decoder="dali", device=device, batch_size=batch_size,
-                                     num_threads=num_threads)
+        videos = DaliVideoLoader(requests, decoder="dali", device=device, batch_size=batch_size,
+                                 num_threads=num_threads)
+
+        def run() -> int:  # one epoch; the pipeline is built in the warm-up pass and rewound after
             total = 0
             for video in videos:
                 if video.error is not None:

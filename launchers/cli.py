@@ -33,7 +33,6 @@ from .plan import (
     point_suffix,
 )
 from .state import (
-    FAILED_STATES,
     cancel,
     format_status,
     mark_parent,

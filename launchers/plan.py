@@ -81,7 +81,7 @@ class LaunchOptions:
         if self.cluster != "slurm" and self.nodes > 1:
             raise LaunchError(f"--nodes {self.nodes}: the {self.cluster} executor runs on this machine only; "
                               "use --cluster slurm")
-        self.time_minutes  # validates
+        parse_time_minutes(self.time)  # validates
 
     @property
     def ranks_per_node(self) -> int:
@@ -156,7 +156,13 @@ def load_resolved_config(config_path: str | None, overrides: list[str]):
     """The run config with every path made absolute (jobs may start elsewhere), plus whether it asks for a
     synthetic data set (an explicit ``synth`` section or ``synth.*`` override)."""
     from storms_dist.cli import resolve_config_path
-    from storms_dist.config import ConfigError, from_dict, load_config, read_yaml, to_dict
+    from storms_dist.config import (
+        ConfigError,
+        from_dict,
+        load_config,
+        read_yaml,
+        to_dict,
+    )
     from storms_dist.run_config import RunConfig
 
     path = resolve_config_path(config_path)
@@ -245,7 +251,8 @@ def check_cluster(opts: LaunchOptions, *, dry_run: bool) -> None:
         raise LaunchError("sbatch not found: this is not a Slurm login node (use --cluster local, or --dry-run to "
                           "see the sbatch scripts)")
     if opts.partition:
-        out = subprocess.run(["sinfo", "-h", "-p", opts.partition, "-o", "%P"], capture_output=True, text=True)
+        out = subprocess.run(["sinfo", "-h", "-p", opts.partition, "-o", "%P"], capture_output=True, text=True,
+                             check=False)
         if out.returncode != 0 or not out.stdout.strip():
             raise LaunchError(f"--partition {opts.partition}: no such partition (see `sinfo -s`)")
 
@@ -278,10 +285,10 @@ def build_plan(cfg, opts: LaunchOptions, *, with_synth: bool, parent_run_id: str
     cfg_dict = to_dict(cfg)
     tags = {"pipeline": cfg.name, **(tags or {})}
     base = {"run_dir": str(run_dir), "config": cfg_dict, "parent_run_id": parent_run_id, "tags": tags}
-    gpu1 = min(opts.gpus_per_node, 1)
-    single = dict(nodes=1, tasks_per_node=1, gpus_per_node=gpu1, cpus_per_task=opts.cpus)
-    train_res = dict(nodes=opts.nodes, tasks_per_node=opts.ranks_per_node, gpus_per_node=opts.gpus_per_node,
-                     cpus_per_task=opts.cpus)
+    single = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": min(opts.gpus_per_node, 1),
+              "cpus_per_task": opts.cpus}
+    train_res = {"nodes": opts.nodes, "tasks_per_node": opts.ranks_per_node, "gpus_per_node": opts.gpus_per_node,
+                 "cpus_per_task": opts.cpus}
     plan: list[StagePlan] = []
 
     def add(stage: StagePlan) -> StagePlan:

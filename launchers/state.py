@@ -91,7 +91,7 @@ def _run(command: list[str]) -> subprocess.CompletedProcess | None:
     if shutil.which(command[0]) is None:
         return None
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
 
@@ -148,16 +148,20 @@ def files_state(stage: dict) -> str | None:
     folder = Path(stage["log_dir"])
     for job_id in task_ids(stage):
         result = folder / f"{job_id}_0_result.pkl"
-        if result.is_file():
-            try:
-                import pickle
-
-                outcome, _ = pickle.loads(result.read_bytes())
-            except Exception:  # noqa: BLE001 - a stale or partial pickle says nothing
-                continue
-            if outcome == "error":
-                return "FAILED"
+        if result.is_file() and _result_outcome(result) == "error":
+            return "FAILED"
     return None
+
+
+def _result_outcome(path: Path) -> str | None:
+    """submitit's result pickle: ("success", value) or ("error", traceback); None if unreadable."""
+    import pickle
+
+    try:
+        outcome, _ = pickle.loads(path.read_bytes())
+    except Exception:  # noqa: BLE001 - a partial or foreign pickle says nothing
+        return None
+    return outcome
 
 
 def _aggregate(states: list[str]) -> str:

@@ -25,14 +25,14 @@ from .state import mark_parent, write_state
 def slurm_parameters(stage: StagePlan, opts: LaunchOptions, run_name: str,
                      dependency: list[str] | None = None) -> dict[str, Any]:
     """Native SlurmExecutor parameters of one stage's job(s)."""
-    params: dict[str, Any] = dict(
-        job_name=f"storms:{run_name}:{stage.name}", time=opts.time_minutes, nodes=stage.nodes,
-        ntasks_per_node=stage.tasks_per_node, cpus_per_task=stage.cpus_per_task,
-        signal_delay_s=opts.signal_delay_s, stderr_to_stdout=True,
+    params: dict[str, Any] = {
+        "job_name": f"storms:{run_name}:{stage.name}", "time": opts.time_minutes, "nodes": stage.nodes,
+        "ntasks_per_node": stage.tasks_per_node, "cpus_per_task": stage.cpus_per_task,
+        "signal_delay_s": opts.signal_delay_s, "stderr_to_stdout": True,
         # a failed dependency cancels this job instead of leaving it PENDING (DependencyNeverSatisfied) forever;
         # --requeue: preempted jobs come back even where JobRequeue=0 is the cluster default
-        additional_parameters={"kill_on_invalid_dep": "yes", "requeue": True},
-    )
+        "additional_parameters": {"kill_on_invalid_dep": "yes", "requeue": True},
+    }
     if stage.gpus_per_node:
         params["gpus_per_node"] = stage.gpus_per_node
     for key in ("partition", "account", "qos", "constraint", "mem"):
@@ -104,7 +104,7 @@ def start_parent_run(cfg, *, cluster: str, tags: dict[str, str], reopen: str | N
     if not tracker.enabled:
         return None
     run_id = tracker.start_run(f"{cfg.name}/pipeline", run_id=reopen,
-                               tags={"pipeline": "launch", "cluster": cluster, **tags})
+                               tags={"pipeline": cfg.name, "launch": cluster, **tags})
     if reopen is None:
         tracker.log_params(flatten(cfg))
         tracker.log_artifact(cfg.run_dir / "config.yaml")

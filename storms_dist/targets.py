@@ -160,7 +160,7 @@ def build_target_part(
     index: int,
     count: int,
     num_latents: int,
-    cfg: TargetsConfig = TargetsConfig(),
+    cfg: TargetsConfig | None = None,
     cache_dir: Path | None = None,
     progress: bool = False,
 ) -> Path | None:
@@ -171,7 +171,7 @@ def build_target_part(
     ``build_targets`` (and the trainer) accept as current. Idempotent: a part with the same stamp is kept, and
     nothing is done when ``cache_dir`` already holds a current merged cache (returns None then).
     """
-    parts_dir = Path(parts_dir)
+    parts_dir, cfg = Path(parts_dir), cfg or TargetsConfig()
     samples = [s for s in samples if s.thought_video is not None]
     if not samples:
         raise ValueError("no sample has a thought_video: Stage I needs thought-video targets")

@@ -197,6 +197,7 @@ def test_indices_past_the_end_raise_instead_of_padding(clips):
 def test_a_dali_failure_is_one_line_and_the_next_decode_works(clips, monkeypatch):
     """Force DALI's CPU decoder onto H.264 (which it lacks): a one-line error; auto falls back to PyAV."""
     monkeypatch.setattr(dali, "DALI_CPU_CODECS", dali.DALI_CPU_CODECS | {"h264"})
+    monkeypatch.setattr(dali, "_warned_fallback", set())
     with pytest.raises(VideoDecodeError, match=r"clip\.mp4: DALI cpu decoder failed \(") as info:
         decode_frames_dali(clips["h264"], [0, 3])
     assert "\n" not in str(info.value)
@@ -234,6 +235,12 @@ def test_loader_prefetches_ahead_of_the_consumer(clips):
     assert loader.num_batches_fed >= 3  # two more videos already handed to DALI
     assert len(list(iterator)) == len(loader) - 1
     assert loader.num_pipelines_built == 1
+    second = list(loader)  # the next epoch rewinds the same pipeline
+    assert loader.num_pipelines_built == 1 and len(second) == len(loader)
+    np.testing.assert_array_equal(second[-1].frames, decode_frames_dali(*requests_for(clips)[-1]))
+    next(iter(loader))  # a pass abandoned early leaves batches in flight: the next pass builds a fresh pipeline
+    assert [v.indices for v in loader] == [idx for _, idx in requests_for(clips)]
+    assert loader.num_pipelines_built == 2
 
 
 def test_loader_keeps_order_through_pyav_files_and_broken_files(clips, monkeypatch):

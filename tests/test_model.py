@@ -190,3 +190,24 @@ def test_activation_checkpointing_keeps_the_rollout_exact(tokenizer):
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
     layers = checkpointed.backbone.model.language_model.layers
     assert all(layer.gradient_checkpointing for layer in layers)  # restored after the rollout
+
+
+def test_masked_extra_latent_steps_leave_the_result_exact(model, tokenizer):
+    """Under ZeRO-3 a rank with K=2 runs as many latent passes as a rank with K=5; the extra ones are masked out
+    of every later pass, so its loss and gradients are those of the 2-step rollout."""
+    batch, layout = make_batch(model, tokenizer, num_latents=2)
+
+    def rollout(num_steps):
+        model.zero_grad()
+        visual = model.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
+        embeds = model.input_embeddings(batch["input_ids"], visual)
+        out = model._forward_mode(batch, layout, "rollout", None, embeds, model.rope_positions(batch), visual,
+                                  batch["input_ids"] == model.video_token_id, num_steps)
+        out.loss.backward()
+        return out.loss.item(), grads(model)
+
+    (loss2, grads2), (loss5, grads5) = rollout(2), rollout(5)
+    assert abs(loss2 - loss5) <= 1e-6
+    for name, grad in grads2.items():
+        scale = max(1.0, grad.abs().max().item())
+        assert (grad - grads5[name]).abs().max().item() <= 1e-5 * scale, name

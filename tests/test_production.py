@@ -260,7 +260,10 @@ SCRIPT = REPO / "tests" / "dist_scripts" / "uneven_batches.py"
 def test_ranks_with_different_batches_do_not_hang(synced):
     """Rank 0 and rank 1 get a different K, one without video, different frame counts. Synced: completes.
     Not synced (negative control): the ranks' collectives diverge and the process group times out."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(SCRIPT)]
+    from storms_dist.train.distributed import free_port
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(SCRIPT)]
     if not synced:
         command.append("--no-sync")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

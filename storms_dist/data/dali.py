@@ -269,6 +269,8 @@ def _to_cuda(samples: list) -> list[torch.Tensor]:
 
 
 def _gather(frames: np.ndarray | torch.Tensor, inverse: np.ndarray) -> np.ndarray | torch.Tensor:
+    if len(inverse) == len(frames) and (inverse == np.arange(len(inverse))).all():  # sorted, no repeats: as is
+        return frames
     if isinstance(frames, torch.Tensor):
         return frames[torch.as_tensor(inverse, device=frames.device)]
     return frames[inverse]
@@ -425,7 +427,11 @@ class _Feeder:
     """
 
     def __init__(self, loader: DaliVideoLoader, start: int):
-        self.loader, self.next_position = loader, start
+        self.loader = loader
+        self.rewind(start)
+
+    def rewind(self, start: int) -> None:
+        self.next_position = start
         self.fed: deque[list[_Slot]] = deque()
         self.trailing: list[_Slot] = []
 
@@ -478,6 +484,7 @@ class DaliVideoLoader:
         self.num_batches_fed = 0
         """Batches handed to DALI so far (ahead of what was yielded: the prefetch)."""
         self.num_pipelines_built = 0
+        self._pipe = self._feeder = None
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -529,51 +536,68 @@ class DaliVideoLoader:
             yield DecodedVideo(prep.path, prep.indices, None, prep.info, None, error)
 
     def __iter__(self) -> Iterator[DecodedVideo]:
+        """One pass (epoch) over this rank's requests. The pipeline is kept for the next pass (``pipe.reset()``)
+        and rebuilt only after a decoding error or a pass that was not run to the end."""
         position = 0
         while position < len(self.requests):
             if not any(self._may_use_dali(p) for p in self.requests[position:]):  # nothing for DALI: no pipeline
                 for i in range(position, len(self.requests)):
                     yield self._finish(self._resolve(i))
                 return
-            feeder = _Feeder(self, position)
-            pipe = _build_pipeline(self.device, batch_size=self.batch_size, prefetch_queue_depth=self.prefetch,
-                                   source=feeder, num_threads=self.num_threads)
-            self.num_pipelines_built += 1
-            failed = False
-            while True:
-                try:
-                    (out,) = pipe.run()
-                except StopIteration:
-                    for slot in feeder.trailing:
-                        yield self._finish(slot)
-                    position = len(self.requests)
-                    break
-                except RuntimeError:  # a file DALI could not decode: redo that batch singly, restart after it
-                    if not feeder.fed:  # not a decoding error (nothing was in flight)
-                        raise
+            pipe, feeder = self._pipeline(position)
+            failed, finished = False, False
+            try:
+                while True:
+                    try:
+                        (out,) = pipe.run()
+                    except StopIteration:
+                        finished = True
+                        for slot in feeder.trailing:
+                            yield self._finish(slot)
+                        position = len(self.requests)
+                        break
+                    except RuntimeError:  # a file DALI could not decode: redo that batch singly, restart after it
+                        if not feeder.fed:  # not a decoding error (nothing was in flight)
+                            raise
+                        slots = feeder.fed.popleft()
+                        failed = True
+                        break
                     slots = feeder.fed.popleft()
-                    failed = True
-                    break
-                slots = feeder.fed.popleft()
-                samples = [out[j] for j in range(len(out))]
-                batch = _to_cuda(samples) if self.device == "gpu" else [_to_host(x) for x in samples]
-                j = 0
-                for slot in slots:
-                    if slot.prep is not None:
-                        frames = batch[j]
-                        j += 1
-                        try:
-                            _check_output(slot.prep, frames.shape)
-                        except VideoDecodeError as e:
-                            yield DecodedVideo(slot.prep.path, slot.prep.indices, None, slot.prep.info, None, e)
-                            continue
-                    else:
-                        frames = None
-                    yield self._finish(slot, frames)
-            del pipe
+                    samples = [out[j] for j in range(len(out))]
+                    batch = _to_cuda(samples) if self.device == "gpu" else [_to_host(x) for x in samples]
+                    yield from self._batch_results(slots, batch)
+            finally:
+                if not finished:  # error, or the consumer stopped early: batches are still in flight
+                    self._pipe = self._feeder = None
             if failed:
                 yield from self._one_by_one(slots)
                 position = slots[-1].position + 1
+
+    def _pipeline(self, position: int):
+        if self._pipe is not None and position == 0:  # a clean pipeline from the previous pass: rewind it
+            self._feeder.rewind(0)
+            self._pipe.reset()
+        else:
+            self._pipe = self._feeder = None  # free the old pipeline's buffers before building a new one
+            self._feeder = _Feeder(self, position)
+            self._pipe = _build_pipeline(self.device, batch_size=self.batch_size, prefetch_queue_depth=self.prefetch,
+                                         source=self._feeder, num_threads=self.num_threads)
+            self.num_pipelines_built += 1
+        return self._pipe, self._feeder
+
+    def _batch_results(self, slots: list[_Slot], batch: list) -> Iterator[DecodedVideo]:
+        j = 0
+        for slot in slots:
+            frames = None
+            if slot.prep is not None:
+                frames = batch[j]
+                j += 1
+                try:
+                    _check_output(slot.prep, frames.shape)
+                except VideoDecodeError as e:
+                    yield DecodedVideo(slot.prep.path, slot.prep.indices, None, slot.prep.info, None, e)
+                    continue
+            yield self._finish(slot, frames)
 
     def _may_use_dali(self, request: tuple[Path, list[int] | None]) -> bool:
         if self.decoder == "pyav" or not dali_available():

@@ -159,28 +159,30 @@ class STORMSModel(nn.Module):
             raise ValueError("alignment targets given but the batch has no latent slots (K=0)")
         if targets_BKD is not None and targets_BKD.shape[1] != num_latents:
             raise ValueError(f"targets have {targets_BKD.shape[1]} slots, batch has K={num_latents}")
+        rollout_requested = mode == "rollout"
         if mode == "rollout" and num_latents == 0:
             mode = "single"  # nothing to roll out: K=0 is one pass
 
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        own_passes = num_latents + 2 if mode == "rollout" else 1
-        num_padding_passes = 0
+        input_ids = batch["input_ids"]
+        num_steps = num_latents  # latent passes this rank runs: the max K over ranks when they are synchronised
+        visual, zero_term = None, None
         if self.sync_ranks:
-            num_padding_passes = int(all_reduce_max([own_passes])[0]) - own_passes
-        visual, zero_BLD = None, None
+            max_k, neg_min_k = all_reduce_max([num_latents, -num_latents])
+            num_steps = int(max_k)
+            if rollout_requested and num_steps > 0 and neg_min_k == 0:
+                raise ValueError(f"ranks mix K=0 and K={num_steps} batches in one rollout step: their forward "
+                                 f"passes cannot be matched under ZeRO-3; keep K > 0 on every rank (all ranks raise)")
         if batch.get("pixel_values_videos") is not None:
             visual = self.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
         elif self.sync_ranks:  # other ranks may run the vision tower: run it too, on a dummy input, times zero
-            zero_BLD = self._dummy_visual_term()
+            zero_term = self._dummy_visual_term()
         pos_3BL = self.rope_positions(batch)
         embeds_BLD = self.input_embeddings(input_ids, visual)
         video_mask_BL = input_ids == self.video_token_id
-        padding = self._padding_passes(embeds_BLD, num_padding_passes)
-        if zero_BLD is not None:
-            padding = padding + zero_BLD
-        out = self._forward_mode(batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL)
-        if self.sync_ranks:
-            out.loss = out.loss + padding
+        out = self._forward_mode(batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL,
+                                 num_steps)
+        if zero_term is not None:
+            out.loss = out.loss + zero_term
         return out
 
     def _dummy_visual_term(self) -> torch.Tensor:
@@ -196,20 +198,7 @@ class STORMSModel(nn.Module):
             term = term + feature.sum()
         return term * 0.0
 
-    def _padding_passes(self, embeds_BLD: torch.Tensor, num_passes: int) -> torch.Tensor:
-        """Extra one-column decoder passes (no cache, result times 0) so this rank runs as many as the others."""
-        padding = embeds_BLD.new_zeros(())
-        if num_passes == 0:
-            return padding
-        column_BTD = embeds_BLD[:, -1:] * 0.0
-        num_rows = embeds_BLD.shape[0]
-        pos_3B1 = torch.zeros(3, num_rows, 1, dtype=torch.long, device=embeds_BLD.device)
-        mask_B1 = torch.ones(num_rows, 1, dtype=torch.long, device=embeds_BLD.device)
-        for _ in range(num_passes):
-            column_BTD = self.decoder(column_BTD, pos_3B1, mask_B1, None)
-        return padding + column_BTD.sum() * 0.0
-
-    def _forward_mode(self, batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL):
+    def _forward_mode(self, batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps):
         num_latents, attention_mask = layout.num_latents, batch["attention_mask"]
         P, S0 = layout.prefix_len, layout.suffix_start
 
@@ -225,24 +214,33 @@ class STORMSModel(nn.Module):
             answer_hidden_BTD = hidden_BLD[:, first:-1]
         elif mode == "rollout":
             with self.decoder_checkpointing_off(), self.decoder_kept_gathered(self.gather_latent_passes):
-                return self._rollout(batch, layout, embeds_BLD, pos_3BL, visual, video_mask_BL, targets_BKD)
+                return self._rollout(batch, layout, embeds_BLD, pos_3BL, visual, video_mask_BL, targets_BKD,
+                                     num_steps)
         else:
             raise ValueError(f"unknown forward mode {mode!r}")
         return self._loss(batch, answer_hidden_BTD, first, latents_BKD, targets_BKD)
 
-    def _rollout(self, batch, layout, embeds_BLD, pos_3BL, visual, video_mask_BL, targets_BKD) -> STORMSOutput:
+    def _rollout(self, batch, layout, embeds_BLD, pos_3BL, visual, video_mask_BL, targets_BKD,
+                 num_steps: int) -> STORMSOutput:
+        """Prefill, latent steps, suffix. ``num_steps`` >= K: steps past K (only when another rank rolls out further)
+        run the same cached pass but are masked out of every later pass, so the result is exactly the K-step one
+        while every rank's graph -- and so ZeRO-3's gather order, forward and backward -- is the same."""
         attention_mask = batch["attention_mask"]
-        P, S0 = layout.prefix_len, layout.suffix_start
+        P, S0, K = layout.prefix_len, layout.suffix_start, layout.num_latents
         cache = self.new_cache()
         hidden_BPD = self.decoder(embeds_BLD[:, :P], pos_3BL[:, :, :P], attention_mask[:, :P], cache,
                                   visual=visual, video_mask_BT=video_mask_BL[:, :P])
         latent = hidden_BPD[:, -1:]  # left padding: every row's <|latent_start|> is column P-1
-        latents = []
-        for col in range(P, S0):
+        latents, mask_BS = [], attention_mask[:, :P]
+        ones_B1 = attention_mask[:, :1].new_ones(attention_mask.shape[0], 1)
+        for k in range(num_steps):
             latents.append(latent)
-            latent = self.decoder(latent, pos_3BL[:, :, col : col + 1], attention_mask[:, : col + 1], cache)
-        hidden_BSD = self.decoder(embeds_BLD[:, S0:], pos_3BL[:, :, S0:], attention_mask, cache)
-        return self._loss(batch, hidden_BSD[:, :-1], S0, torch.cat(latents, dim=1), targets_BKD)
+            col = P + min(k, K - 1)  # a masked step reuses the last real column's position
+            latent = self.decoder(latent, pos_3BL[:, :, col : col + 1], torch.cat([mask_BS, ones_B1], dim=1), cache)
+            mask_BS = torch.cat([mask_BS, ones_B1 if k < K else ones_B1 * 0], dim=1)
+        hidden_BSD = self.decoder(embeds_BLD[:, S0:], pos_3BL[:, :, S0:],
+                                  torch.cat([mask_BS, attention_mask[:, S0:]], dim=1), cache)
+        return self._loss(batch, hidden_BSD[:, :-1], S0, torch.cat(latents[:K], dim=1), targets_BKD)
 
     def _loss(self, batch, answer_hidden_BTD, first, latents_BKD, targets_BKD) -> STORMSOutput:
         """Answer CE on the supervised columns (hidden column ``first + t`` predicts label column ``first + t + 1``)

@@ -45,7 +45,7 @@ def text_only_batch(num_latents: int):
 # (rank 0, rank 1) per step: ("video", grids, K) or ("text", K)
 PLAN = [
     (("video", [(2, 4, 4), (2, 4, 6)], 2), ("text", 4)),
-    (("video", [(2, 4, 4), (2, 4, 4)], 0), ("video", [(4, 4, 4), (6, 4, 4)], 3)),
+    (("video", [(2, 4, 4), (2, 4, 4)], 1), ("video", [(4, 4, 4), (6, 4, 4)], 3)),
     (("text", 1), ("video", [(2, 4, 6), (2, 4, 4)], 1)),
 ]
 for step, plan in enumerate(PLAN):
@@ -60,6 +60,14 @@ for step, plan in enumerate(PLAN):
     engine.backward(out.loss)
     engine.step()
     assert torch.isfinite(out.loss), out.loss
+if not args.no_sync:  # K=0 on one rank and K>0 on the other cannot be matched: every rank raises, none hangs
+    test_model.GRIDS_THW = [(2, 4, 4), (2, 4, 4)]
+    batch, layout = make_batch(model, tokenizer, 0 if rank == 0 else 2, seed=9)
+    try:
+        engine(batch, layout, mode="rollout")
+        raise AssertionError("mixed K=0 / K>0 was not rejected")
+    except ValueError as error:
+        assert "mix K=0" in str(error), error
 torch.distributed.barrier()
 if rank == 0:
     print("uneven batches: 3 steps ok", flush=True)
