@@ -72,8 +72,8 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--status", nargs="+", metavar="RUN_DIR", help="show each stage's state, job id, runtime, log")
     what.add_argument("--cancel", nargs="+", metavar="RUN_DIR", help="cancel the stages still pending or running")
     what.add_argument("--resume", metavar="RUN_DIR",
-                      help="re-submit the unfinished stages of a launched pipeline (same config and options; "
-                           "options given here replace the saved ones)")
+                      help="re-submit the unfinished stages of a launched pipeline with its saved config and "
+                           "options (options and KEY=VALUE overrides given here apply to the unfinished stages)")
     what.add_argument("--dry-run", action="store_true", help="print the sbatch scripts; submit nothing")
     what.add_argument("--wait", action="store_true", help="block until the pipeline(s) finished; exit 0 if all "
                       "completed")
@@ -110,13 +110,14 @@ def _options(args, saved: dict | None = None) -> LaunchOptions:
     return LaunchOptions(**{**(saved or {}), **given})
 
 
-def _check_run_dir(cfg, fingerprint: str) -> dict | None:
-    """An existing launched pipeline in the run folder: same config -> continue it (returns its state)."""
+def _check_run_dir(cfg, fingerprint: str, *, resuming: bool = False) -> dict | None:
+    """An existing launched pipeline in the run folder: same config (or --resume) -> continue it (returns its
+    state); still running -> error."""
     run_dir = cfg.run_dir.resolve()
     if not state_path(run_dir).is_file():
         return None
     state = read_state(run_dir)
-    if state.get("config_fingerprint") != fingerprint:
+    if state.get("config_fingerprint") != fingerprint and not resuming:
         raise LaunchError(f"{run_dir} holds a pipeline launched with another config; pick another name "
                           f"(name=...) or remove the folder")
     if overall(pipeline_status(run_dir, state)) == "RUNNING":
@@ -126,10 +127,11 @@ def _check_run_dir(cfg, fingerprint: str) -> dict | None:
 
 
 def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, sweeps: list[str] | None = None,
-           dry_run: bool = False, resume_state: dict | None = None, out=sys.stdout) -> list[Path]:
+           dry_run: bool = False, resume_state: dict | None = None, out=None) -> list[Path]:
     """Validate every pipeline of the sweep, then submit them (or print their sbatch scripts). Returns run dirs."""
     from storms_dist.config import dump, to_dict
 
+    out = out or sys.stdout
     points = expand_sweep(sweeps)
     base = load_resolved_config(config, overrides)[0].name
     if sweeps and any(k.startswith(("synth.", "data.")) for point in points for k, _ in point):
@@ -144,7 +146,7 @@ def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, swe
         with_stage0 = needs_stage0(cfg, opts)
         with_synth = check_data(cfg, wants_synth, with_stage0)
         fingerprint = config_fingerprint(to_dict(cfg))
-        previous = resume_state or (None if dry_run else _check_run_dir(cfg, fingerprint))
+        previous = None if dry_run else _check_run_dir(cfg, fingerprint, resuming=resume_state is not None)
         sweep = {"name": base, "point": dict(point)} if point else None
         pipelines.append((cfg, with_synth, fingerprint, previous, sweep))
     if dry_run:
@@ -178,6 +180,10 @@ def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, swe
                           tags=tags)
         state = new_state(cfg, opts, plan, mlflow=mlflow, sweep=sweep, config_path=config, overrides=overrides,
                           fingerprint=fingerprint)
+        if previous:  # keep the earlier submissions' job ids (their logs stay in the stage folders)
+            state["history"] = [*previous.get("history", []), {
+                "submitted_at": previous["submitted_at"], "cluster": previous["cluster"],
+                "jobs": {s["name"]: s.get("job_id") for s in previous["stages"] if s.get("job_id")}}]
         write_state(run_dir, state)
         if opts.cluster == "slurm":
             waits_for = synth_done_by if with_synth and not own_synth else None
@@ -227,7 +233,9 @@ def _print_submitted(state: dict, out, local: bool = False) -> None:
 
 
 # ---- status / cancel ----
-def show_status(run_dirs: list[str], *, wait_for_end: bool = False, as_json: bool = False, out=sys.stdout) -> int:
+def show_status(run_dirs: list[str], *, wait_for_end: bool = False, as_json: bool = False, out=None) -> int:
+    """Print each pipeline's status (optionally after waiting for its end); 1 if any failed or was cancelled."""
+    out = out or sys.stdout
     code = 0
     reports = []
     for run_dir in run_dirs:
@@ -265,11 +273,12 @@ def cmd_launch(args) -> int:
                 print(f"storms launch: {run_dir}: cancelled {', '.join(ids) if ids else 'nothing (no stage pending or running)'}")
             return 0
         if args.resume:
-            if args.config or overrides or args.sweep:
-                raise LaunchError("--resume RUN_DIR takes no CONFIG, overrides or --sweep (it reuses the saved ones)")
+            if args.config or args.sweep:
+                raise LaunchError("--resume RUN_DIR takes no CONFIG or --sweep (it reuses the saved config; "
+                                  "KEY=VALUE overrides apply to the stages not finished yet)")
             state = read_state(args.resume)
             opts = _options(args, state["options"])
-            run_dirs = launch(state["config"], [], opts, dry_run=args.dry_run, resume_state=state)
+            run_dirs = launch(state["config"], overrides, opts, dry_run=args.dry_run, resume_state=state)
         else:
             if args.config is None:
                 raise LaunchError("a CONFIG is required (or --status / --cancel / --resume RUN_DIR)")

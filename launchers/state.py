@@ -67,7 +67,8 @@ def log_files(stage: dict) -> list[Path]:
 
 
 def main_log(stage: dict) -> Path | None:
-    files = log_files(stage)
+    """Rank 0's log (the first task's), if the job wrote one."""
+    files = [p for p in log_files(stage) if p.is_file()]
     return files[0] if files else None
 
 
@@ -102,6 +103,7 @@ class JobInfo:
     elapsed: str = ""
     reason: str = ""
     exit_code: str = ""
+    requeues: int = 0
 
 
 def squeue_info(job_ids: list[str]) -> dict[str, JobInfo]:
@@ -121,18 +123,22 @@ def squeue_info(job_ids: list[str]) -> dict[str, JobInfo]:
 
 
 def sacct_info(job_ids: list[str]) -> dict[str, JobInfo] | None:
-    """Finished and live jobs from accounting; None when accounting is not available."""
+    """Finished and live jobs from accounting (the latest run of each, and how often it was requeued); None when
+    accounting is not available."""
     if not job_ids:
         return {}
     raw = sorted({j.split("_")[0] for j in job_ids})
-    out = _run(["sacct", "-X", "-n", "-P", "-j", ",".join(raw), "-o", "JobID,State,Elapsed,ExitCode"])
+    out = _run(["sacct", "-X", "-D", "-n", "-P", "-j", ",".join(raw), "-o", "JobID,State,Elapsed,ExitCode"])
     if out is None or out.returncode != 0:
         return None
     info: dict[str, JobInfo] = {}
-    for line in out.stdout.splitlines():
+    for line in out.stdout.splitlines():  # -D: one line per run of a job, oldest first
         parts = line.strip().split("|")
         if len(parts) == 4:
-            info[parts[0]] = JobInfo(state=parts[1].split()[0], elapsed=parts[2], exit_code=parts[3])
+            requeues = info[parts[0]].requeues if parts[0] in info else 0
+            state = parts[1].split()[0]
+            info[parts[0]] = JobInfo(state=state, elapsed=parts[2], exit_code=parts[3],
+                                     requeues=requeues + (state in ("REQUEUED", "PREEMPTED")))
     return info
 
 
@@ -189,6 +195,7 @@ class StageStatus:
     log: str = ""
     note: str = ""
     tasks: list[tuple[str, str]] = field(default_factory=list)
+    requeues: int = 0
 
 
 def query_stage(stage: dict, cluster: str, squeue: dict[str, JobInfo], sacct: dict[str, JobInfo] | None) -> StageStatus:
@@ -199,12 +206,9 @@ def query_stage(stage: dict, cluster: str, squeue: dict[str, JobInfo], sacct: di
     if stage.get("skipped"):
         status.state, status.note, status.log = "SKIPPED", stage["skipped"], ""
         return status
-    if not ids:
-        status.state = stage.get("local_state", "NOT SUBMITTED")
-        return status
-    if cluster != "slurm":
-        status.state = stage.get("local_state") or files_state(stage) or "UNKNOWN"
-        status.runtime = stage.get("runtime", "")
+    if cluster != "slurm" or not ids:
+        status.state = stage.get("local_state") or (files_state(stage) if ids else None) or "NOT SUBMITTED"
+        status.runtime, status.note = stage.get("runtime", ""), stage.get("note", "")
         return status
     per_task = []
     for job_id in ids:
@@ -224,7 +228,9 @@ def query_stage(stage: dict, cluster: str, squeue: dict[str, JobInfo], sacct: di
     status.runtime = max(elapsed, key=_seconds) if elapsed else ""
     reasons = {i.reason for _, i in per_task if i and i.reason and i.reason != "None"}
     if reasons:
-        status.note = ", ".join(sorted(reasons))
+        status.note = ", ".join(sorted(f"waiting: {r}" if r in ("Dependency", "Priority", "Resources") else r
+                                       for r in reasons))
+    status.requeues = max((sacct.get(j).requeues for j in ids if sacct and sacct.get(j)), default=0)
     return status
 
 
@@ -259,6 +265,9 @@ def pipeline_status(run_dir: str | Path, state: dict | None = None) -> list[Stag
         if failed_dep and (status.state.startswith("CANCELLED") or "DependencyNeverSatisfied" in status.note):
             status.note = (f"dependency {failed_dep} failed" if status.state.startswith("CANCELLED")
                            else f"will never start: dependency {failed_dep} failed (storms launch --cancel)")
+        if status.requeues:
+            status.note = "; ".join(filter(None, [status.note, f"requeued {status.requeues}x (preemption / time "
+                                                               "limit), resumed from its checkpoint"]))
     return statuses
 
 

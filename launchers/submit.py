@@ -188,7 +188,7 @@ def run_sequential(plan: list[StagePlan], opts: LaunchOptions, state: dict, run_
               f"{stage_folder(run_dir, stage)}", flush=True)
         try:
             for job in jobs:
-                job.result()
+                job.results()  # every task's result (raises if any task failed)
             entry["local_state"] = "COMPLETED"
         except KeyboardInterrupt:
             for job in jobs:

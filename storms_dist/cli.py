@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--stage", type=int, choices=(0, 1, 2), help="which stage to train")
     p.add_argument("--init-from", default=None,
-                   help="export to start from (default: previous stage's export in RUN_DIR; none for stage 0)")
+                   help="export to start from (default: previous stage's export in RUN_DIR; for stage 0 the "
+                        "registry backbone); 'registry' = the registry backbone (checkpoint or tiny random init)")
     p.add_argument("--nproc", type=int, default=None, help="local processes (torchrun); overrides nproc")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # pipeline-internal: a serialized TrainJob
 
@@ -167,8 +168,8 @@ def cmd_train(args) -> int:
         from storms_dist.config import replace
 
         cfg = replace(cfg, nproc=args.nproc)
-    init_from = args.init_from
-    if init_from is None and args.stage > 0:
+    init_from = None if args.init_from == "registry" else args.init_from
+    if args.init_from is None and args.stage > 0:
         init_from = str(cfg.run_dir / f"stage{args.stage - 1}" / "export")
         if not Path(init_from).is_dir():
             raise SystemExit(f"storms train: --init-from not given and {init_from} does not exist; "

@@ -30,7 +30,8 @@ def start_train(tmp: Path, cfg, *extra: str, stage: int = 2) -> subprocess.Popen
     config_path = tmp / f"{cfg.name}.yaml"
     dump(cfg, config_path)
     return subprocess.Popen(
-        [sys.executable, "-m", "storms_dist", "train", str(config_path), "--stage", str(stage), *extra],
+        [sys.executable, "-m", "storms_dist", "train", str(config_path), "--stage", str(stage),
+         "--init-from", "registry", *extra],
         cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -153,6 +154,7 @@ def test_resume_with_another_world_size_stops_with_an_explanation(tmp_path, refe
     cfg_path = reference_dir / "config.yaml"
     result = subprocess.run(
         [sys.executable, "-m", "storms_dist", "train", str(cfg_path), "--stage", "2", "--nproc", "1",
+         "--init-from", "registry",
          f"stage2.num_steps={STEPS + 2}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0

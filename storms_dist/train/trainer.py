@@ -341,8 +341,9 @@ class Trainer:
             item = self.dataset[index]
         except (VideoDecodeError, ValueError) as e:
             if record:
-                self.bad_data.record(f"{self.dataset.samples[index].uid}: {e}")
-                print(f"[{self.job.name} rank {self.dist.rank}] skipping bad sample: {str(e)[:300]}", flush=True)
+                uid = self.dataset.samples[index].uid
+                self.bad_data.record(f"{uid}: {e}")
+                print(f"[{self.job.name} rank {self.dist.rank}] skipping bad sample {uid}: {str(e)[:300]}", flush=True)
             return None
         self._good_indices.append(index)
         del self._good_indices[:-1000]
