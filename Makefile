@@ -23,11 +23,12 @@ export HF_HUB_OFFLINE := 1
 # DeepSpeed JIT-builds a shared-memory comm op on CPU once (~30 s); every run and test reuses this build.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/runs/torch_extensions
 
-# Tests that `make test` leaves out: slow = long runs (opt-in), slurm = needs a running Slurm cluster.
-PYTEST_MARKERS ?= not slow and not slurm
+# Tests that `make test` leaves out: slow = long runs (opt-in). The `slurm` tests run when a Slurm cluster answers
+# (`make slurm-up`, or .ci/run as root) and are skipped, with the reason, when none does.
+PYTEST_MARKERS ?= not slow
 PYTEST_ARGS ?=
 
-.PHONY: help demo demo-quick test test-slow install clean clean-all
+.PHONY: help demo demo-quick test test-slow install clean clean-all slurm-up slurm-down
 
 help:  ## list the targets
 	@echo "storms_dist make targets:"
@@ -55,11 +56,17 @@ demo: $(STAMP)  ## run the whole pipeline on the embedded default (synth, Stage 
 demo-quick: $(STAMP)  ## the same pipeline with a tiny budget (configs/demo/synth_quick.yaml), a smoke run
 	$(VENV)/bin/storms demo --quick
 
-test: $(STAMP)  ## the default test suite (excludes the slow and slurm markers)
+test: $(STAMP)  ## the default test suite (excludes the slow marker; slurm tests skip without a cluster)
 	$(PY) -m pytest -q -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)  ## only the slow (opt-in) tests
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+slurm-up:  ## (root) start a single-node Slurm cluster on this machine for `storms launch` and its tests
+	bash launchers/slurm/local_cluster.sh start
+
+slurm-down:  ## (root) stop it (cancels every job)
+	bash launchers/slurm/local_cluster.sh stop
 
 clean:  ## remove run outputs under runs/ (data, checkpoints, MLflow db), keep .venv and the torch extension build
 	@if [ -d runs ]; then find runs -mindepth 1 -maxdepth 1 ! -name torch_extensions -exec rm -rf {} +; fi

@@ -34,6 +34,7 @@ from storms_dist.model.build import (
 from storms_dist.train.deepspeed_config import build_ds_config
 from storms_dist.train.checkpoint import CheckpointManager, tag_for
 from storms_dist.train.distributed import all_reduce_max, barrier, init_distributed
+from storms_dist.train.flops import FlopsModel, peak_flops_per_device
 from storms_dist.train.optim import lr_multiplier
 from storms_dist.train.signals import PreemptionFlag, Preempted
 
@@ -146,6 +147,8 @@ class Trainer:
         self.model.sync_ranks = self.dist.world_size > 1
         self.model.gather_latent_passes = cfg.deepspeed.gather_latent_passes and cfg.deepspeed.zero_stage == 3
 
+        self.flops = FlopsModel.from_model(self.model, vision_trained=self.stage_cfg.trainable.vision)
+        self.peak_flops = peak_flops_per_device()
         self.engine = self._build_engine()
         self.tracker = Tracker(cfg.tracking, Path(cfg.runs_dir), is_main_process=self.dist.is_main)
         self.checkpoints = CheckpointManager(job.out_dir / "checkpoints", cfg.checkpoint, rank=self.dist.rank,
@@ -354,6 +357,7 @@ class Trainer:
         timings = {"data_s": 0.0, "forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
         sums = {"loss": 0.0, "ce": 0.0, "align": 0.0}
         num_tokens = num_samples = num_micro = num_nonfinite_in_row = 0
+        step_flops = 0.0
         step_start = time.perf_counter()
         while num_micro < stage_cfg.grad_accum:
             t0 = time.perf_counter()
@@ -387,11 +391,15 @@ class Trainer:
             sums["align"] += 0.0 if out.align is None else out.align.item()
             num_tokens += int(batch["attention_mask"].sum())
             num_samples += len(uids)
+            step_flops += self.flops.step_flops(batch["attention_mask"], out.num_answer_tokens,
+                                                batch["pixel_values_videos"].shape[0])
             num_micro += 1
         step_s = time.perf_counter() - step_start
         metrics = {k: v / stage_cfg.grad_accum for k, v in sums.items()}
         if self.targets is None:
             metrics.pop("align")
+        if self.peak_flops is not None:
+            metrics["mfu"] = step_flops / step_s / self.peak_flops
         grad_norm = engine.get_global_grad_norm()
         metrics.update(
             lr=engine.get_lr()[0],
@@ -399,6 +407,7 @@ class Trainer:
             step_s=step_s,
             tokens_per_s=num_tokens * self.dist.world_size / step_s,
             samples_per_s=num_samples * self.dist.world_size / step_s,
+            tflops_per_device=step_flops / step_s / 1e12,
             peak_mem_gb=peak_memory_gb(),
             bad_samples=float(self.bad_data.num_bad),
             skipped_nonfinite=float(self.num_skipped_nonfinite),
