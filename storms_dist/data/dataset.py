@@ -15,7 +15,8 @@ import torch
 from storms_dist.data.dali import DECODERS, DaliVideoLoader, decode_video_frames
 from storms_dist.data.manifest import Sample, read_manifest
 from storms_dist.data.preprocess import ResizeConfig, VisionSpec, preprocess_video
-from storms_dist.data.prompt import answer_tokens, build_prompt
+from storms_dist.data.prompt import MC_INSTRUCTION, TEXT_INSTRUCTION, answer_tokens, build_prompt, \
+    extract_answer_letter, match_option_text
 from storms_dist.data.sampling import FrameSamplingConfig, sample_frame_indices, sampled_timestamps, second_per_grid_t
 from storms_dist.data.video_io import VideoInfo, probe_video
 from storms_dist.model.latent import LatentTokenIds, SlotLayout, collate_latent_batch
@@ -36,6 +37,9 @@ class DataConfig:
     max_pixels: int = 112 * 112
     cache_decoded: bool = True
     """Keep preprocessed videos and prompts in memory (small synthetic sets: epochs after the first skip decoding)."""
+    answer_format: Literal["letter", "text"] = "letter"
+    """letter: the model answers "B" (the benchmarks' convention); text: it answers with the option's text, which
+    eval maps back to its letter (no letter indirection: what a small model trained from scratch learns fastest)."""
     decoder: Literal["auto", "pyav", "dali"] = "auto"
     """Video decoding backend, chosen per file by ``storms_dist.data.dali.select_backend``: ``auto`` = DALI's GPU
     decoder when CUDA and DALI are present, DALI's CPU decoder for VP8/VP9/MJPEG when DALI is installed, else PyAV;
@@ -58,6 +62,18 @@ class DataConfig:
         if name is None:
             raise ValueError(f"unknown split {split!r}; valid: train, val, test, perception")
         return Path(self.root) / name
+
+
+def answer_text(sample: Sample, cfg: DataConfig) -> str:
+    """What the assistant says for ``sample``: its letter, or its option's text."""
+    return sample.answer if cfg.answer_format == "letter" else sample.answer_text
+
+
+def predicted_letter(raw: str, options, cfg: DataConfig) -> str | None:
+    """The option letter a generated answer picks, under the configured answer format."""
+    if cfg.answer_format == "text":
+        return match_option_text(raw, options)
+    return extract_answer_letter(raw, len(options))
 
 
 @dataclass
@@ -141,9 +157,10 @@ class VideoQADataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         video = self.video(sample.video_path)
         prompt = build_prompt(self.tokenizer, self.spec.family, question=sample.question, options=sample.options,
+                              instruction=MC_INSTRUCTION if self.cfg.answer_format == "letter" else TEXT_INSTRUCTION,
                               video_grid_thw=video.video_grid_thw, timestamps_s=video.timestamps_s,
                               merge_size=self.spec.merge_size, temporal_patch_size=self.spec.temporal_patch_size)
-        item = Item(sample, prompt.input_ids, prompt.mm_token_type_ids, answer_tokens(self.tokenizer, sample.answer),
+        item = Item(sample, prompt.input_ids, prompt.mm_token_type_ids, answer_tokens(self.tokenizer, answer_text(sample, self.cfg)),
                     video)
         if self.cfg.cache_decoded:
             self._item_cache[index] = item

@@ -36,6 +36,9 @@ VISION_END: Final = "<|vision_end|>"
 VIDEO_PAD: Final = "<|video_pad|>"
 OPTION_LETTERS: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MC_INSTRUCTION: Final = "Answer with the option's letter from the given choices directly."
+TEXT_INSTRUCTION: Final = "Answer with the text of the correct option directly."
+"""For ``answer_format: text``: the model names the option instead of its letter (no option -> letter indirection,
+which a small model trained from scratch learns slowly); eval maps the text back to the letter."""
 # Qwen2-VL / Qwen2.5-VL chat templates insert this system turn when the conversation has none; Qwen3-VL's does not.
 QWEN2_DEFAULT_SYSTEM: Final = "You are a helpful assistant."
 # mm_token_type_ids values (transformers ProcessorMixin.create_mm_token_type_ids).
@@ -98,13 +101,13 @@ def load_tokenizer(extra_special_tokens: Sequence[str] = ()) -> Any:
     return _cached_tokenizer(tokens)
 
 
-def format_question(question: str, options: Sequence[str]) -> str:
+def format_question(question: str, options: Sequence[str], instruction: str = MC_INSTRUCTION) -> str:
     """``question`` then ``A. option`` lines then the instruction line; just ``question`` without options."""
     if len(options) > len(OPTION_LETTERS):
         raise ValueError(f"options: expected at most {len(OPTION_LETTERS)}, got {len(options)}")
     if not options:
         return question
-    lines = [question, *(f"{OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options)), MC_INSTRUCTION]
+    lines = [question, *(f"{OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options)), instruction]
     return "\n".join(lines)
 
 
@@ -121,6 +124,7 @@ def _video_segments(
     timestamps_s: Sequence[float] | None,
     merge_size: int,
     temporal_patch_size: int,
+    instruction: str = MC_INSTRUCTION,
 ) -> list[str | tuple[str, int]]:
     """The video block as text pieces and ``(special token, repeat count)`` runs."""
     grid_t, grid_h, grid_w = _grid(video_grid_thw)
@@ -152,6 +156,7 @@ def _prompt_segments(
     system: str | None | _FamilyDefault,
     merge_size: int,
     temporal_patch_size: int,
+    instruction: str = MC_INSTRUCTION,
 ) -> list[str | tuple[str, int]]:
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {', '.join(FAMILIES)}, got {family!r}")
@@ -163,7 +168,7 @@ def _prompt_segments(
     segments += [(IM_START, 1), "user\n"]
     if video_grid_thw is not None:
         segments += _video_segments(family, video_grid_thw, timestamps_s, merge_size, temporal_patch_size)
-    segments += [format_question(question, options), (IM_END, 1), "\n", (IM_START, 1), "assistant\n"]
+    segments += [format_question(question, options, instruction), (IM_END, 1), "\n", (IM_START, 1), "assistant\n"]
     return segments
 
 
@@ -177,11 +182,12 @@ def build_prompt_text(
     system: str | None | _FamilyDefault = FAMILY_DEFAULT,
     merge_size: int = 2,
     temporal_patch_size: int = 2,
+    instruction: str = MC_INSTRUCTION,
 ) -> str:
     """The prompt of ``build_prompt`` as one string (for logging and for the tokenisation round-trip check)."""
     segments = _prompt_segments(family, question=question, options=options, video_grid_thw=video_grid_thw,
                                 timestamps_s=timestamps_s, system=system, merge_size=merge_size,
-                                temporal_patch_size=temporal_patch_size)
+                                temporal_patch_size=temporal_patch_size, instruction=instruction)
     return "".join(s if isinstance(s, str) else s[0] * s[1] for s in segments)
 
 
@@ -196,6 +202,7 @@ def build_prompt(
     system: str | None | _FamilyDefault = FAMILY_DEFAULT,
     merge_size: int = 2,
     temporal_patch_size: int = 2,
+    instruction: str = MC_INSTRUCTION,
 ) -> PromptTokens:
     """Token ids (and modality types) of the chat prompt asking ``question`` about one video.
 
@@ -207,7 +214,7 @@ def build_prompt(
     """
     segments = _prompt_segments(family, question=question, options=options, video_grid_thw=video_grid_thw,
                                 timestamps_s=timestamps_s, system=system, merge_size=merge_size,
-                                temporal_patch_size=temporal_patch_size)
+                                temporal_patch_size=temporal_patch_size, instruction=instruction)
     video_pad_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
     input_ids: list[int] = []
     mm_token_type_ids: list[int] = []
@@ -272,3 +279,17 @@ def extract_answer_letter(text: str, num_options: int) -> str | None:
         if letter in valid and not (letter in "AI" and _WORD_LIKE_RE.match(cleaned, m.end())):
             standalone.add(letter)
     return standalone.pop() if len(standalone) == 1 else None
+
+
+def match_option_text(text: str, options: Sequence[str]) -> str | None:
+    """The letter of the option a free-form answer names (``answer_format: text``): an exact match after
+    normalising case/space/punctuation, else the single option contained in the answer; None otherwise."""
+    def norm(value: str) -> str:
+        return " ".join(re.sub(r"[^0-9a-z]+", " ", value.lower()).split())
+
+    answer = norm(text)
+    normalised = [norm(o) for o in options]
+    if answer in normalised:
+        return OPTION_LETTERS[normalised.index(answer)]
+    contained = [i for i, o in enumerate(normalised) if o and re.search(rf"\b{re.escape(o)}\b", answer)]
+    return OPTION_LETTERS[contained[0]] if len(contained) == 1 else None

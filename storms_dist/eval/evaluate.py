@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 
-from storms_dist.data.dataset import DataConfig, LatentCollator, VideoQADataset
+from storms_dist.data.dataset import DataConfig, LatentCollator, VideoQADataset, predicted_letter
 from storms_dist.data.manifest import read_manifest
 from storms_dist.data.preprocess import VisionSpec
-from storms_dist.data.prompt import extract_answer_letter
 from storms_dist.eval.metrics import accuracy_by_type
 from storms_dist.model.build import latent_token_ids, load_exported
 
@@ -24,7 +23,7 @@ class EvalConfig:
     batch_size: int = 16
     num_latents: int | None = None
     """K at inference; None = the K the export was trained with. Bounded by model max_latents."""
-    max_new_tokens: int = 4
+    max_new_tokens: int = 8
     num_latency_items: int = 32
     """Items timed one at a time (batch size 1) for the per-item latency; 0 skips the latency pass."""
     limit: int | None = None
@@ -72,7 +71,7 @@ def evaluate(export_dir: str | Path, data_cfg: DataConfig, cfg: EvalConfig, out_
         for item, ids in zip(items, new_ids):
             raw = tokenizer.decode(ids, skip_special_tokens=True)
             records.append({"uid": item.sample.uid, "qtype": item.sample.qtype,
-                            "prediction": extract_answer_letter(raw, len(item.sample.options)),
+                            "prediction": predicted_letter(raw, item.sample.options, data_cfg),
                             "answer": item.sample.answer, "raw": raw, "latency_ms": batch_ms / len(items)})
 
     latencies = []
@@ -114,5 +113,5 @@ def answer_one(export_dir: str | Path, video: str | Path, question: str, options
     new_ids = model.generate(batch, num_latents=k, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
     latency_ms = (time.perf_counter() - start) * 1000
     raw = tokenizer.decode(new_ids[0], skip_special_tokens=True)
-    return {"answer": extract_answer_letter(raw, len(options)), "raw": raw, "num_latents": k,
+    return {"answer": predicted_letter(raw, options, data_cfg), "raw": raw, "num_latents": k,
             "latency_ms": latency_ms}
