@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--model", required=True, help="export folder")
     p.add_argument("--split", default=None, help="manifest split (default: eval.split)")
+    p.add_argument("--benchmark", default=None,
+                   help="a public benchmark instead of a manifest split: videomme, mvbench, tempcompass, mmvu "
+                        "(32 frames, Qwen2.5-VL pixel budget, lmms-eval prompts and scoring; needs --data-root)")
+    p.add_argument("--data-root", default=None, help="the benchmark's data root (public-release layout)")
     p.add_argument("--out", default=None, help="output folder (default: MODEL/../eval)")
 
     p = sub.add_parser("export", help="consolidate a (ZeRO-3) training checkpoint into a save_pretrained export",
@@ -183,9 +187,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from storms_dist.eval.evaluate import evaluate
+    from storms_dist.eval.evaluate import evaluate, evaluate_benchmark
 
     cfg = load_run_config(args.config, args.overrides)
+    if args.benchmark is not None:
+        if args.data_root is None:
+            raise SystemExit("storms eval: --benchmark needs --data-root")
+        out = Path(args.out) if args.out else Path(args.model).parent / f"eval_{args.benchmark}"
+        metrics = evaluate_benchmark(args.model, args.benchmark, args.data_root, cfg.data, cfg.eval, out,
+                                     progress=True)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "details"}, indent=2))
+        return 0
     eval_cfg = cfg.eval if args.split is None else type(cfg.eval)(**{**vars(cfg.eval), "split": args.split})
     out = Path(args.out) if args.out else Path(args.model).parent / "eval"
     metrics = evaluate(args.model, cfg.data, eval_cfg, out, progress=True)

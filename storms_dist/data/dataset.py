@@ -37,6 +37,9 @@ class DataConfig:
     max_pixels: int = 112 * 112
     cache_decoded: bool = True
     """Keep preprocessed videos and prompts in memory (small synthetic sets: epochs after the first skip decoding)."""
+    prompt: Literal["storms", "verbatim"] = "storms"
+    """storms: question + lettered options + instruction; verbatim: the sample's ``meta.prompt`` as the user text
+    (public benchmarks: lmms-eval's exact prompt, options included)."""
     answer_format: Literal["letter", "text"] = "letter"
     """letter: the model answers "B" (the benchmarks' convention); text: it answers with the option's text, which
     eval maps back to its letter (no letter indirection: what a small model trained from scratch learns fastest)."""
@@ -156,7 +159,10 @@ class VideoQADataset(torch.utils.data.Dataset):
             return self._item_cache[index]
         sample = self.samples[index]
         video = self.video(sample.video_path)
-        prompt = build_prompt(self.tokenizer, self.spec.family, question=sample.question, options=sample.options,
+        verbatim = self.cfg.prompt == "verbatim"
+        prompt = build_prompt(self.tokenizer, self.spec.family,
+                              question=sample.meta["prompt"] if verbatim else sample.question,
+                              options=() if verbatim else sample.options,
                               instruction=MC_INSTRUCTION if self.cfg.answer_format == "letter" else TEXT_INSTRUCTION,
                               video_grid_thw=video.video_grid_thw, timestamps_s=video.timestamps_s,
                               merge_size=self.spec.merge_size, temporal_patch_size=self.spec.temporal_patch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -28,6 +29,12 @@ class EvalConfig:
     """Items timed one at a time (batch size 1) for the per-item latency; 0 skips the latency pass."""
     limit: int | None = None
     """Evaluate only the first N items (smoke runs)."""
+    benchmark_num_frames: int = 32
+    benchmark_min_pixels: int = 200704
+    benchmark_max_pixels: int = 602112
+    """Public benchmarks: 32 uniform frames and Qwen2.5-VL's per-frame pixel budget (lmms-eval's qwen2_5_vl
+    defaults: min 256*28*28, effective max 768*28*28; see docs/benchmarks_eval.md)."""
+    benchmark_max_new_tokens: int = 16
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -39,19 +46,84 @@ class EvalConfig:
 def evaluate(export_dir: str | Path, data_cfg: DataConfig, cfg: EvalConfig, out_dir: str | Path,
              *, progress: bool = False) -> dict:
     """Writes ``predictions.jsonl`` (uid, qtype, prediction, answer, raw, latency_ms) and ``metrics.json``."""
+    out_dir = Path(out_dir)
+    model, tokenizer, settings = load_exported(export_dir)
+    samples = read_manifest(data_cfg.manifest_path(cfg.split))
+    records, num_latents, latency_ms = generate_answers(model, tokenizer, settings, samples, data_cfg, cfg,
+                                                        desc=f"eval {cfg.split}", progress=progress)
+    metrics = accuracy_by_type(records)
+    metrics.update(split=cfg.split, num_latents=num_latents, export=str(export_dir),
+                   latency_ms_per_item=latency_ms,
+                   throughput_items_per_s=1000 * len(records) / sum(r["latency_ms"] for r in records))
+    write_outputs(out_dir, records, metrics)
+    return metrics
+
+
+def evaluate_benchmark(export_dir: str | Path, benchmark: str, data_root: str | Path, data_cfg: DataConfig,
+                       cfg: EvalConfig, out_dir: str | Path, *, progress: bool = False) -> dict:
+    """A public benchmark (Video-MME, MVBench, TempCompass, MMVU) with lmms-eval's prompts and scoring and the
+    paper's frame / pixel settings (``eval.benchmark_*``). Predictions are written in ``storms score`` format."""
+    from storms_dist.benchmarks import get_benchmark
+    from storms_dist.data.sampling import FrameSamplingConfig
+
+    from storms_dist.data.video_io import VideoDecodeError, probe_video
+
+    bench = get_benchmark(benchmark)
+    items = bench.load(data_root)
+    samples = bench.to_samples(items)
+    if cfg.limit is not None:
+        samples = samples[: cfg.limit]
+    unreadable = []
+    for sample in samples:  # an unreadable video is a question without a prediction: scored wrong, listed
+        try:
+            probe_video(sample.video_path)
+        except VideoDecodeError as e:
+            unreadable.append(str(e))
+    samples = [s for s in samples if not any(str(s.video_path) in u for u in unreadable)]
+    bench_data_cfg = replace_config(data_cfg, frames=FrameSamplingConfig(
+        fps=None, num_frames=cfg.benchmark_num_frames, min_frames=4, max_frames=cfg.benchmark_num_frames),
+        min_pixels=cfg.benchmark_min_pixels, max_pixels=cfg.benchmark_max_pixels, answer_format="letter",
+        prompt="verbatim", cache_decoded=False)
+    bench_cfg = replace_config(cfg, max_new_tokens=cfg.benchmark_max_new_tokens)
+    model, tokenizer, settings = load_exported(export_dir)
+    records, num_latents, latency_ms = generate_answers(model, tokenizer, settings, samples, bench_data_cfg,
+                                                        bench_cfg, desc=f"eval {benchmark}", progress=progress)
+    predictions = {r["uid"]: r["raw"] for r in records}
+    scored = [item for item in items if item.uid in predictions] if cfg.limit is not None else items
+    metrics = bench.score(scored, predictions)
+    metrics.update(num_latents=num_latents, export=str(export_dir), latency_ms_per_item=latency_ms,
+                   unreadable_videos=unreadable, settings={"num_frames": cfg.benchmark_num_frames, "min_pixels": cfg.benchmark_min_pixels,
+                             "max_pixels": cfg.benchmark_max_pixels, "max_new_tokens": cfg.benchmark_max_new_tokens})
+    write_outputs(Path(out_dir), [{"uid": r["uid"], "prediction": r["raw"], "latency_ms": r["latency_ms"]}
+                                  for r in records], metrics)
+    return metrics
+
+
+def write_outputs(out_dir: Path, records: list[dict], metrics: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "predictions.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def replace_config(cfg, **changes):
+    return dataclasses.replace(cfg, **changes)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, settings: dict, samples, data_cfg: DataConfig, cfg: EvalConfig, *,
+                     desc: str, progress: bool) -> tuple[list[dict], int, float | None]:
+    """Latent rollout + greedy answer for every sample: (records, K used, median per-item latency in ms)."""
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, settings = load_exported(export_dir)
     model.eval()
     num_latents = settings["num_latents"] if cfg.num_latents is None else cfg.num_latents
     if num_latents > settings["max_latents"]:
         raise ValueError(f"eval.num_latents: {num_latents} exceeds the model's max_latents ({settings['max_latents']})")
-    spec = VisionSpec.from_hf_config(model.backbone.config)
-    samples = read_manifest(data_cfg.manifest_path(cfg.split))
     if cfg.limit is not None:
         samples = samples[: cfg.limit]
+    spec = VisionSpec.from_hf_config(model.backbone.config)
     dataset = VideoQADataset(samples, tokenizer, spec, data_cfg)
     collate = LatentCollator(latent_token_ids(tokenizer), tokenizer.pad_token_id, num_latents, with_answers=False)
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -65,7 +137,7 @@ def evaluate(export_dir: str | Path, data_cfg: DataConfig, cfg: EvalConfig, out_
         return new_ids, (time.perf_counter() - start) * 1000
 
     records = []
-    for start in tqdm(range(0, len(dataset), cfg.batch_size), desc=f"eval {cfg.split}", disable=not progress):
+    for start in tqdm(range(0, len(dataset), cfg.batch_size), desc=desc, disable=not progress):
         items = [dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))]
         new_ids, batch_ms = answer(items)
         for item, ids in zip(items, new_ids):
@@ -73,23 +145,11 @@ def evaluate(export_dir: str | Path, data_cfg: DataConfig, cfg: EvalConfig, out_
             records.append({"uid": item.sample.uid, "qtype": item.sample.qtype,
                             "prediction": predicted_letter(raw, item.sample.options, data_cfg),
                             "answer": item.sample.answer, "raw": raw, "latency_ms": batch_ms / len(items)})
-
     latencies = []
-    for i in range(min(cfg.num_latency_items, len(dataset))):  # decode is cached: this times the model only
+    for i in range(min(cfg.num_latency_items, len(dataset))):  # one item at a time: per-item latency
         latencies.append(answer([dataset[i]])[1])
         records[i]["latency_ms"] = latencies[-1]
-
-    metrics = accuracy_by_type(records)
-    metrics.update(
-        split=cfg.split, num_latents=num_latents, export=str(export_dir),
-        latency_ms_per_item=statistics.median(latencies) if latencies else None,
-        throughput_items_per_s=1000 * len(records) / sum(r["latency_ms"] for r in records) if records else None,
-    )
-    with open(out_dir / "predictions.jsonl", "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    return records, num_latents, statistics.median(latencies) if latencies else None
 
 
 @torch.no_grad()
