@@ -264,6 +264,11 @@ def cmd_launch(args) -> int:
     from storms_dist.config import ConfigError
 
     overrides = list(getattr(args, "overrides", []) or [])
+    if (args.status or args.cancel or args.resume) and args.config is not None:
+        from storms_dist.cli import DEFAULT_CONFIG
+
+        if args.config == DEFAULT_CONFIG:  # storms_dist.cli.main's default, put there when the positional slot
+            args.config = None             # held a KEY=VALUE (moved to the overrides): these modes take no config
     try:
         if args.status:
             return show_status(args.status, wait_for_end=args.wait, as_json=args.json)

@@ -87,10 +87,12 @@ class VideoInputs:
     second_per_grid_t: float
 
 
-def load_video_inputs(path: Path, spec: VisionSpec, cfg: DataConfig) -> VideoInputs:
-    """Decode the sampled frames of one video file (backend per ``cfg.decoder``) and preprocess them for the backbone."""
+def load_video_inputs(path: Path, spec: VisionSpec, cfg: DataConfig, *, start_s: float | None = None,
+                      end_s: float | None = None) -> VideoInputs:
+    """Decode the sampled frames of one video file (backend per ``cfg.decoder``) and preprocess them for the backbone.
+    ``start_s`` / ``end_s`` restrict sampling to a clip (a manifest sample's optional fields)."""
     info = probe_video(path)
-    indices = sample_frame_indices(info.num_frames, info.fps, cfg.frames)
+    indices = sample_frame_indices(info.num_frames, info.fps, cfg.frames, start_s=start_s, end_s=end_s)
     frames = decode_video_frames(path, indices, cfg.decoder, info=info)
     return video_inputs_from_frames(frames, indices, info, spec, cfg)
 
@@ -116,7 +118,7 @@ class VideoQADataset(torch.utils.data.Dataset):
     def __init__(self, samples: Sequence[Sample], tokenizer, spec: VisionSpec, cfg: DataConfig):
         self.samples = list(samples)
         self.tokenizer, self.spec, self.cfg = tokenizer, spec, cfg
-        self._video_cache: dict[Path, VideoInputs] = {}  # several questions can share one video
+        self._video_cache: dict[Path | tuple, VideoInputs] = {}  # several questions can share one video
         self._item_cache: dict[int, Item] = {}
 
     @classmethod
@@ -126,12 +128,14 @@ class VideoQADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def video(self, path: Path) -> VideoInputs:
+    def video(self, path: Path, start_s: float | None = None, end_s: float | None = None) -> VideoInputs:
         if not self.cfg.cache_decoded:
-            return load_video_inputs(path, self.spec, self.cfg)
-        if path not in self._video_cache:
-            self._video_cache[path] = load_video_inputs(path, self.spec, self.cfg)
-        return self._video_cache[path]
+            return load_video_inputs(path, self.spec, self.cfg, start_s=start_s, end_s=end_s)
+        # a clip of a video is its own cache entry; whole videos stay keyed by path (what preload fills)
+        key = path if start_s is None and end_s is None else (path, start_s, end_s)
+        if key not in self._video_cache:
+            self._video_cache[key] = load_video_inputs(path, self.spec, self.cfg, start_s=start_s, end_s=end_s)
+        return self._video_cache[key]
 
     def preload(self, indices: Sequence[int] | None = None, *, rank: int = 0, world_size: int = 1,
                 batch_size: int = 8) -> int:
@@ -158,7 +162,7 @@ class VideoQADataset(torch.utils.data.Dataset):
         if self.cfg.cache_decoded and index in self._item_cache:
             return self._item_cache[index]
         sample = self.samples[index]
-        video = self.video(sample.video_path)
+        video = self.video(sample.video_path, sample.start_s, sample.end_s)
         verbatim = self.cfg.prompt == "verbatim"
         prompt = build_prompt(self.tokenizer, self.spec.family,
                               question=sample.meta["prompt"] if verbatim else sample.question,

@@ -6,6 +6,8 @@ Line schema (see docs/data.md)::
      "options": ["...", "..."], "answer": "B", "qtype": "count", "thought_video": "thoughts/train/000000.webm",
      "split": "train", "meta": {...}}
 
+Optional ``start_s`` / ``end_s`` (seconds, either or both) restrict the question to a clip of ``video``; frames are
+then sampled from that clip only (``sampling.sample_frame_indices(start_s=, end_s=)``).
 Relative ``video`` / ``thought_video`` paths resolve against the manifest's folder. Every malformed line is
 reported as ``FILE:LINE: <field>: <what was expected>``.
 """
@@ -13,6 +15,7 @@ reported as ``FILE:LINE: <field>: <what was expected>``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ MIN_OPTIONS, MAX_OPTIONS = 2, len(OPTION_LETTERS)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 _REQUIRED_FIELDS = ("uid", "video", "question", "options", "answer", "qtype", "thought_video", "split")
-_OPTIONAL_FIELDS = ("meta",)
+_OPTIONAL_FIELDS = ("meta", "start_s", "end_s")
 
 
 class ManifestError(ValueError):
@@ -61,6 +64,12 @@ def _is_nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
+def _is_time(value: Any) -> bool:
+    """None, or a finite number of seconds >= 0 (JSON ints are fine; bools are not)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and math.isfinite(value) and value >= 0)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Sample:
     """One multiple-choice question about one video. ``root`` is the folder relative paths resolve against."""
@@ -75,6 +84,10 @@ class Sample:
     split: Literal["train", "val", "test"]
     root: Path
     meta: dict[str, Any] = field(default_factory=dict, hash=False)
+    start_s: float | None = None
+    """Clip start in seconds of ``video`` (None: from the beginning)."""
+    end_s: float | None = None
+    """Clip end in seconds of ``video`` (None: to the end)."""
 
     def __post_init__(self) -> None:
         _expect(_is_nonempty_str(self.uid), "uid", "expected a non-empty string")
@@ -97,6 +110,11 @@ class Sample:
                 "expected a non-empty path string or null")
         _expect(self.split in SPLITS, "split", f"expected one of {', '.join(SPLITS)}, got {self.split!r}")
         _expect(isinstance(self.meta, dict), "meta", f"expected a JSON object, got {type(self.meta).__name__}")
+        for name in ("start_s", "end_s"):
+            _expect(_is_time(getattr(self, name)), name,
+                    f"expected a finite time in seconds >= 0 or null, got {getattr(self, name)!r}")
+        _expect(self.start_s is None or self.end_s is None or self.start_s < self.end_s, "end_s",
+                f"expected end_s > start_s={self.start_s}, got {self.end_s!r}")
         object.__setattr__(self, "root", Path(self.root))
 
     @property
@@ -128,6 +146,9 @@ class Sample:
             "thought_video": None if self.thought_video is None else _relocate(self.thought_video, self.root, root),
             "split": self.split,
             "meta": self.meta,
+            # written only when set, so manifests without clips keep their exact lines
+            **({"start_s": self.start_s} if self.start_s is not None else {}),
+            **({"end_s": self.end_s} if self.end_s is not None else {}),
         }
 
 
@@ -156,7 +177,8 @@ def sample_from_json(record: Any, root: Path) -> Sample:
     for name in _REQUIRED_FIELDS:
         _expect(name in record, name, "missing required field")
     meta = record.get("meta")
-    return Sample(**{name: record[name] for name in _REQUIRED_FIELDS}, meta={} if meta is None else meta, root=root)
+    return Sample(**{name: record[name] for name in _REQUIRED_FIELDS}, meta={} if meta is None else meta, root=root,
+                  start_s=record.get("start_s"), end_s=record.get("end_s"))
 
 
 def read_manifest(path: str | Path, *, on_error: Literal["raise", "skip"] = "raise") -> Manifest:

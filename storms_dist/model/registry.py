@@ -79,56 +79,29 @@ def backbone_names() -> list[str]:
     return list(_REGISTRY)
 
 
-# Tiny random-init backbones: tests and the CPU demo. head_dim 32 -> mrope sections sum to 16.
-register(BackboneSpec(
-    name="qwen2_5_vl-tiny",
-    family="qwen2_5_vl",
-    tiny_config=dict(
-        text_config=_tiny_text(128, 4, [4, 6, 6]),
-        vision_config=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
-                           patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
-                           fullatt_block_indexes=[1, 3], tokens_per_second=2),
-        tie_word_embeddings=True,
-    ),
-    vision_keys=_QWEN25_VISION, merger_keys=_QWEN25_MERGER,
-))
-register(BackboneSpec(
-    name="qwen3_vl-tiny",
-    family="qwen3_vl",
-    tiny_config=dict(
-        text_config=_tiny_text(128, 4, [8, 4, 4], mrope_interleaved=True),
-        vision_config=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
-                           patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[1]),
-        tie_word_embeddings=True,
-    ),
-    vision_keys=_QWEN3_VISION, merger_keys=_QWEN3_MERGER,
-))
-# Smallest sizes: the 2-rank unit tests (fast collectives).
-register(BackboneSpec(
-    name="qwen2_5_vl-micro",
-    family="qwen2_5_vl",
-    tiny_config=dict(
-        text_config=_tiny_text(64, 2, [2, 3, 3]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
-                           fullatt_block_indexes=[1], tokens_per_second=2),
-        tie_word_embeddings=True,
-    ),
-    vision_keys=_QWEN25_VISION, merger_keys=_QWEN25_MERGER,
-))
-register(BackboneSpec(
-    name="qwen3_vl-micro",
-    family="qwen3_vl",
-    tiny_config=dict(
-        text_config=_tiny_text(64, 2, [4, 2, 2], mrope_interleaved=True),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0]),
-        tie_word_embeddings=True,
-    ),
-    vision_keys=_QWEN3_VISION, merger_keys=_QWEN3_MERGER,
-))
+def _tiny(family: Family, size: str, *, hidden: int, num_layers: int, vision_depth: int) -> BackboneSpec:
+    """A random-init backbone of the family's architecture: text ``hidden`` wide, vision half as wide."""
+    head_dim = hidden // 4
+    vision = dict(depth=vision_depth, hidden_size=hidden // 2, intermediate_size=hidden, num_heads=max(2, hidden // 32),
+                  out_hidden_size=hidden, temporal_patch_size=2, spatial_merge_size=2)
+    if family == "qwen2_5_vl":  # mrope sections (t, h, w) sum to head_dim / 2
+        text = _tiny_text(hidden, num_layers, [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16])
+        vision.update(patch_size=14, window_size=56, fullatt_block_indexes=list(range(1, vision_depth, 2)),
+                      tokens_per_second=2)
+        keys = dict(vision_keys=_QWEN25_VISION, merger_keys=_QWEN25_MERGER)
+    else:
+        text = _tiny_text(hidden, num_layers, [head_dim // 4, head_dim // 8, head_dim // 8], mrope_interleaved=True)
+        vision.update(patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[vision_depth // 2 - 1
+                                                                                           if vision_depth > 2 else 0])
+        keys = dict(vision_keys=_QWEN3_VISION, merger_keys=_QWEN3_MERGER)
+    return BackboneSpec(name=f"{family}-{size}", family=family, **keys,
+                        tiny_config=dict(text_config=text, vision_config=vision, tie_word_embeddings=True))
+
+
+# Tiny random-init backbones: the CPU demo (tiny) and the unit / 2-rank tests (micro: fast collectives).
+for _family in ("qwen2_5_vl", "qwen3_vl"):
+    register(_tiny(_family, "tiny", hidden=128, num_layers=4, vision_depth=4))
+    register(_tiny(_family, "micro", hidden=64, num_layers=2, vision_depth=2))
 
 # Real checkpoints (clusters). Sizes are the published ones.
 for _size, _b in (("3B", 3.75), ("7B", 8.29), ("32B", 33.5), ("72B", 73.4)):
