@@ -3,6 +3,7 @@
     storms score --benchmark {videomme,mvbench,tempcompass,mmvu} --data-root DIR --predictions PRED.jsonl
                  [--out FILE] [--details FILE] [--judge-url URL --judge-model NAME [--judge-api-key-env VAR]]
     storms data check --benchmark NAME --data-root DIR [--workers N] [--out FILE]
+    storms data convert --format {llava_video,video_r1} IN.json --out OUT.jsonl   (storms_dist/thoughts/cli.py)
 
 The host CLI adds them with ``add_score_parser(sub)`` / ``add_data_parser(sub)`` and dispatches to ``cmd_score`` /
 ``cmd_data`` (each parser also sets ``handler``). Handlers print one-line errors (``storms score: error: ...``) to
@@ -60,6 +61,9 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     check.add_argument("--workers", type=int, default=8, help="parallel video probes (default: 8)")
     check.add_argument("--out", default=None, help="also write the report as JSON here")
     p.set_defaults(handler=cmd_data)
+    from storms_dist.thoughts.cli import add_convert_parser  # storms data convert (training-set converters)
+
+    add_convert_parser(actions)  # sets its own handler; cmd_data dispatches to it too
     return p
 
 
@@ -106,7 +110,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    if args.data_command != "check":  # only action so far; argparse enforces the choice
+    if args.data_command == "convert":
+        from storms_dist.thoughts.cli import cmd_convert
+
+        return cmd_convert(args)
+    if args.data_command != "check":  # argparse enforces the choice
         raise SystemExit(f"storms data: unknown action {args.data_command!r}")
     try:
         report = BENCHMARKS[args.benchmark].check(args.data_root, workers=max(1, args.workers))

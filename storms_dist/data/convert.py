@@ -24,6 +24,7 @@ videos) and rewritten relative to the output manifest's folder (absolute when ou
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -68,33 +69,40 @@ class ConvertReport:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
+def _looks_like_item(record: dict) -> bool:
+    return any(key in record for key in ("video", "path", "problem", "conversations", "id", "problem_id"))
+
+
 def read_items(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """``(item number, item)``: the 0-based index for a JSON array, the 1-based line number for JSONL."""
+    """``(item number, item)``: the 0-based index for a JSON array (also one wrapped in an object such as
+    ``{"annotations": [...]}``), the 1-based line number for JSONL (``.jsonl``, or JSON lines in a ``.json``)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if path.suffix.lower() == ".jsonl" or (stripped and stripped[0] == "{"):
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    yield line_no, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConvertError(f"{path}:{line_no}: json: expected one JSON object per line "
-                                       f"({e.msg} at column {e.colno})") from None
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: json: expected a JSON array of items ({e.msg} at line {e.lineno} column "
-                           f"{e.colno})") from None
-    if isinstance(data, dict):  # {"data": [...]} / {"annotations": [...]} wrappers
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise ConvertError(f"{path}: json: expected a JSON array of items, got an object")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise ConvertError(f"{path}: json: expected a JSON array of items, got {type(data).__name__}")
-    yield from enumerate(data)
+    if path.suffix.lower() != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if not text.lstrip().startswith("{"):
+                raise ConvertError(f"{path}: json: expected a JSON array of items ({e.msg} at line {e.lineno} "
+                                   f"column {e.colno})") from None
+        else:
+            if isinstance(data, dict) and not _looks_like_item(data):
+                lists = [v for v in data.values() if isinstance(v, list)]
+                if len(lists) != 1:
+                    raise ConvertError(f"{path}: json: expected a JSON array of items, got an object")
+                data = lists[0]
+            if isinstance(data, list):
+                yield from enumerate(data)
+                return
+            if not isinstance(data, dict):
+                raise ConvertError(f"{path}: json: expected a JSON array of items, got {type(data).__name__}")
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConvertError(f"{path}:{line_no}: json: expected one JSON object per line "
+                                   f"({e.msg} at column {e.colno})") from None
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
@@ -155,7 +163,7 @@ def _strip_letter_prefixes(options: list[str]) -> list[str]:
     matches = [_OPTION_LINE.match(o.strip()) for o in options]
     if all(m and m.group(1) == OPTION_LETTERS[i] for i, m in enumerate(matches)):
         return [m.group(2) for m in matches]
-    if any(m and m.group(1) == OPTION_LETTERS[i] for i, m in enumerate(matches)) and all(matches):
+    if all(matches):
         raise _ItemError("options", "expected the letter prefixes A., B., C. ... in order")
     return [o.strip() for o in options]
 
@@ -166,7 +174,7 @@ def _video_path(item: dict, *names: str) -> str:
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
         if isinstance(value, str) and value.strip():
-            return value.strip()
+            return os.path.normpath(value.strip())  # "./LLaVA-Video-178K/x.mp4" -> "LLaVA-Video-178K/x.mp4"
     raise _ItemError(names[0], "expected a video path string")
 
 
@@ -250,7 +258,8 @@ def _video_r1_questions(item: Any, number: int) -> tuple[list[_Question], Counte
     solution = item.get("solution")
     if not isinstance(solution, str):
         raise _ItemError("solution", f"expected '<answer>X</answer>', got {solution!r}")
-    letter = answer_letter(solution, options)
+    tag = _ANSWER_TAG.search(solution)
+    letter = answer_letter(tag.group(1), options) if tag else None
     if letter is None:
         raise _ItemError("solution", f"expected '<answer>X</answer>' with a letter "
                                      f"A-{OPTION_LETTERS[max(len(options), 1) - 1]}, got {solution.strip()[:60]!r}")

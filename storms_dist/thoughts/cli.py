@@ -19,11 +19,8 @@ from typing import Any
 
 from storms_dist.data.convert import FORMATS
 from storms_dist.data.manifest import SPLITS
-from storms_dist.data.video_io import SUFFIX_BY_CODEC
-from storms_dist.thoughts.generators import BACKENDS, DTYPES
-from storms_dist.thoughts.keyframes import KEYFRAME_METHODS
-from storms_dist.thoughts.pipeline import CONDITIONS
-from storms_dist.thoughts.prompts import DEFAULT_TEMPLATE, PROMPT_SOURCES, TEMPLATE_FIELDS
+from storms_dist.thoughts.constants import BACKENDS, CODECS, CONDITIONS, DEFAULT_TEMPLATE, DTYPES, KEYFRAME_METHODS, \
+    PROMPT_SOURCES, TEMPLATE_FIELDS
 
 
 def _one_line(error: BaseException) -> str:
@@ -90,7 +87,7 @@ def add_thoughts_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("files backend")
     g.add_argument("--files-dir", default=None, help="folder with <uid>.<mp4|webm|avi|mkv|mov>")
     g = p.add_argument_group("output")
-    g.add_argument("--codec", choices=list(SUFFIX_BY_CODEC), default=None,
+    g.add_argument("--codec", choices=CODECS, default=None,
                    help="video codec (default: procedural keeps the synthetic set's, others vp9)")
     g.add_argument("--fps", type=float, default=None, help="frame rate written (default: the generator's)")
     g.add_argument("--seed", type=int, default=0)

@@ -19,9 +19,9 @@ import numpy as np
 
 from storms_dist.data.manifest import Sample
 from storms_dist.data.video_io import VideoDecodeError, probe_video
+from storms_dist.thoughts.constants import BACKENDS, DTYPES  # noqa: F401  (BACKENDS: re-exported)
 from storms_dist.thoughts.keyframes import Keyframes
 
-BACKENDS: tuple[str, ...] = ("procedural", "diffusers", "files")
 VIDEO_SUFFIXES: tuple[str, ...] = (".webm", ".mp4", ".avi", ".mkv", ".mov")
 
 
@@ -228,7 +228,6 @@ class FilesGenerator:
 
 # ---------------------------------------------------------------------------------------------------- diffusers
 
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 FLOAT32_COMPONENTS_WAN = ("vae", "image_encoder")  # the Wan 2.1 I2V model card keeps these in float32
 
 
@@ -281,6 +280,18 @@ def output_size(image_hw: tuple[int, int], *, height: int | None, width: int | N
     h = round(math.sqrt(max_area * aspect)) // multiple * multiple
     w = round(math.sqrt(max_area / aspect)) // multiple * multiple
     return max(h, multiple), max(w, multiple)
+
+
+def load_dtypes(class_name: str, dtype: str, device: str) -> Any:
+    """``from_pretrained``'s dtype: float32 on CPU; else ``dtype``, with Wan's VAE and image encoder in float32
+    (``{"default": bf16, "vae": fp32, "image_encoder": fp32}``, as the Wan 2.1 I2V model card loads them)."""
+    import torch
+
+    if device == "cpu" or dtype == "float32":
+        return torch.float32
+    if class_name.startswith("Wan"):
+        return {"default": getattr(torch, dtype), **{name: torch.float32 for name in FLOAT32_COMPONENTS_WAN}}
+    return getattr(torch, dtype)
 
 
 def to_uint8_frames(frames: Any) -> np.ndarray:
@@ -337,19 +348,28 @@ class DiffusersGenerator:
         return self._pipe
 
     def _load(self):
-        import torch
-        from diffusers import DiffusionPipeline
+        try:
+            from diffusers import DiffusionPipeline
+        except ImportError as e:
+            raise ImportError(f"the diffusers backend needs diffusers and ftfy: pip install -e '.[thoughts]' ({e})") \
+                from None
 
         device = self.device
-        dtype = torch.float32 if device == "cpu" else getattr(torch, self.cfg.dtype)
-        torch_dtype: Any = dtype
-        if dtype != torch.float32 and self.class_name.startswith("Wan"):
-            torch_dtype = {"default": dtype, **{name: torch.float32 for name in FLOAT32_COMPONENTS_WAN}}
-        pipe = DiffusionPipeline.from_pretrained(self.cfg.model_dir, local_files_only=True, dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(self.cfg.model_dir, local_files_only=True,
+                                                 dtype=load_dtypes(self.class_name, self.cfg.dtype, device))
         if "image" not in inspect.signature(pipe.__call__).parameters:
             raise GenerationError(f"diffusers backend: {type(pipe).__name__} in {self.cfg.model_dir} takes no image: "
                                   "expected an image-to-video pipeline (WanImageToVideoPipeline, "
                                   "CogVideoXImageToVideoPipeline)")
+        if self.cfg.use_last_image:
+            if "last_image" not in inspect.signature(pipe.__call__).parameters:
+                raise GenerationError(f"diffusers backend: {type(pipe).__name__} takes no last_image; drop "
+                                      "--last-image")
+            transformer_cfg = getattr(getattr(pipe, "transformer", None), "config", None)
+            if (type(pipe).__name__ == "WanImageToVideoPipeline" and getattr(pipe, "image_encoder", None) is not None
+                    and getattr(transformer_cfg, "pos_embed_seq_len", None) is None):
+                raise GenerationError(f"diffusers backend: {self.cfg.model_dir} is a Wan 2.1 image-to-video model "
+                                      "without first-last-frame support; --last-image needs Wan2.1-FLF2V")
         pipe.set_progress_bar_config(disable=True)
         if self.cfg.cpu_offload and device != "cpu":
             pipe.enable_model_cpu_offload()
@@ -375,7 +395,6 @@ class DiffusersGenerator:
         height, width = output_size(first.shape[:2], height=self.cfg.height, width=self.cfg.width,
                                     max_area=self.cfg.max_area, multiple=self._multiple(pipe))
         image = Image.fromarray(np.ascontiguousarray(first)).resize((width, height), Image.Resampling.BICUBIC)
-        parameters = inspect.signature(pipe.__call__).parameters
         kwargs: dict[str, Any] = dict(image=image, prompt=request.prompt, negative_prompt=self.cfg.negative_prompt,
                                       height=height, width=width, num_frames=self.cfg.num_frames,
                                       num_inference_steps=self.cfg.num_inference_steps,
@@ -384,7 +403,7 @@ class DiffusersGenerator:
         if self.cfg.max_sequence_length is not None:
             kwargs["max_sequence_length"] = self.cfg.max_sequence_length
         used_last = False
-        if self.cfg.use_last_image and "last_image" in parameters and len(request.keyframes.indices) > 1:
+        if self.cfg.use_last_image and len(request.keyframes.indices) > 1:
             last = request.keyframes.frames[-1]
             kwargs["last_image"] = Image.fromarray(np.ascontiguousarray(last)).resize((width, height),
                                                                                       Image.Resampling.BICUBIC)

@@ -24,9 +24,9 @@ import numpy as np
 
 from storms_dist.data.sampling import FrameSamplingConfig, sample_frame_indices, segment_frame_range
 from storms_dist.data.video_io import VideoInfo, decode_frames, probe_video
+from storms_dist.thoughts.constants import KEYFRAME_METHODS
 
 KeyframeMethod = Literal["uniform", "scene_change"]
-KEYFRAME_METHODS: tuple[str, ...] = ("uniform", "scene_change")
 MAX_ANALYSIS_FRAMES = 256
 """scene_change decodes every frame of the clip up to this many; longer clips are analysed at this many frames
 spread uniformly (a cut then lands on the first analysed frame after it)."""
@@ -59,7 +59,7 @@ def grayscale_thumbnails(frames_THWC_uint8: np.ndarray, size: int = 32) -> np.nd
     cols = np.linspace(0, width, min(size, width) + 1).astype(int)
     sums = np.add.reduceat(np.add.reduceat(gray, rows[:-1], axis=1), cols[:-1], axis=2)
     areas = np.diff(rows)[:, None] * np.diff(cols)[None, :]
-    return sums / areas
+    return (sums / areas).astype(np.float32)
 
 
 def frame_difference_scores(frames_THWC_uint8: np.ndarray, *, size: int = 32) -> np.ndarray:

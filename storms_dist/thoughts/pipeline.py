@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from storms_dist.data.manifest import SPLITS, ManifestError, Sample, read_manifest, sample_from_json, write_manifest
 from storms_dist.data.video_io import SUFFIX_BY_CODEC, VideoDecodeError, probe_video, write_video
+from storms_dist.thoughts.constants import CONDITIONS
 from storms_dist.thoughts.generators import VIDEO_SUFFIXES, GenerationError, GenerationRequest, Generator
 from storms_dist.thoughts.keyframes import KEYFRAME_METHODS, Keyframes, pick_condition, select_keyframes
 from storms_dist.thoughts.prompts import PromptError, PromptSource
@@ -42,7 +43,6 @@ from storms_dist.thoughts.prompts import PromptError, PromptSource
 STAMP_NAME = "thoughts_config.json"
 THOUGHTS_DIR = "thoughts"
 STAMP_VERSION = 1
-CONDITIONS: tuple[str, ...] = ("auto", "first", "middle", "last")
 
 
 class ThoughtsError(RuntimeError):
@@ -179,8 +179,8 @@ def _check_or_write_stamp(out_dir: Path, stamp: dict, *, overwrite: bool, manife
         except ValueError:
             existing = None
         if existing != stamp:
-            keys = sorted(k for k in set(stamp) | set(existing or {})
-                          if (existing or {}).get(k) != stamp.get(k)) if isinstance(existing, dict) else ["(unreadable)"]
+            old = existing if isinstance(existing, dict) else {}
+            keys = sorted(k for k in set(stamp) | set(old) if old.get(k) != stamp.get(k)) or ["(unreadable stamp)"]
             raise ThoughtsError(f"{path}: {out_dir} holds thought videos made with other settings ({', '.join(keys)} "
                                 "differ); use another --out, or --overwrite to clear it")
         return
@@ -200,7 +200,7 @@ def finished_output(stem_path: Path, uid: str) -> tuple[Path, dict] | None:
     The per-sample record names the video; without a record (a run stopped between writing the video and the
     record) any decodable ``<stem><suffix>`` counts, with ``{"resumed_without_record": true}`` as provenance."""
     record_path = _record_path(stem_path)
-    if record_path.is_file():
+    if record_path.is_file():  # the record decides: a video that does not match it (truncated, replaced) is redone
         try:
             record = json.loads(record_path.read_text())
             video = stem_path.parent / record["video"]
@@ -208,6 +208,7 @@ def finished_output(stem_path: Path, uid: str) -> tuple[Path, dict] | None:
                 return video, record.get("thought_gen", {})
         except (ValueError, KeyError, TypeError, OSError, VideoDecodeError):
             pass
+        return None
     for suffix in VIDEO_SUFFIXES:
         video = Path(f"{stem_path}{suffix}")
         if video.is_file():

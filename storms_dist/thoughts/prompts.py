@@ -21,17 +21,8 @@ import numpy as np
 
 from storms_dist.benchmarks.judge import Judge, JudgeError
 from storms_dist.data.manifest import OPTION_LETTERS, Sample
+from storms_dist.thoughts.constants import DEFAULT_TEMPLATE, PROMPT_SOURCES, TEMPLATE_FIELDS  # noqa: F401
 from storms_dist.thoughts.keyframes import Keyframes
-
-PROMPT_SOURCES: tuple[str, ...] = ("template", "teacher")
-
-DEFAULT_TEMPLATE = ("A short video that continues from this frame and clearly shows the motion and events needed to "
-                    "answer the question \"{question}\" (options: {options}). The dynamics make the answer visible: "
-                    "{answer}. Smooth, realistic motion, static camera.")
-TEMPLATE_FIELDS: tuple[str, ...] = ("question", "options", "answer", "answer_letter", "qtype")
-"""``{question}``, ``{options}`` ("A. x; B. y; ..."), ``{answer}`` (the correct option's text), ``{answer_letter}``,
-``{qtype}``."""
-
 
 class PromptError(RuntimeError):
     """A prompt could not be made for a sample (teacher unreachable, empty or unusable reply). One line."""
@@ -156,9 +147,9 @@ def parse_teacher_reply(reply: str, num_keyframes: int) -> tuple[str, int | None
         prompt = " ".join(record["prompt"].split())
         keyframe = record.get("keyframe")
         position = None
-        if isinstance(keyframe, (int, float)) and not isinstance(keyframe, bool) and float(keyframe).is_integer():
-            if 1 <= int(keyframe) <= num_keyframes:
-                position = int(keyframe) - 1
+        if (isinstance(keyframe, (int, float)) and not isinstance(keyframe, bool) and float(keyframe).is_integer()
+                and 1 <= int(keyframe) <= num_keyframes):
+            position = int(keyframe) - 1
         if not prompt:
             raise PromptError("teacher reply: prompt: expected a non-empty string")
         return prompt, position

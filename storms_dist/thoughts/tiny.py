@@ -20,8 +20,11 @@ _VOCAB_WORDS = ("a the of and to in on is are what which how show shows video fr
 TEXT_DIM = 32
 
 
-def build_tiny_wan_i2v(directory: str | Path, *, seed: int = 0) -> Path:
-    """Build the tiny pipeline and ``save_pretrained`` it into ``directory``; returns the folder."""
+def build_tiny_wan_i2v(directory: str | Path, *, seed: int = 0, first_last_frame: bool = False) -> Path:
+    """Build the tiny pipeline and ``save_pretrained`` it into ``directory``; returns the folder.
+
+    ``first_last_frame``: the Wan 2.1 FLF2V variant (an image position embedding over two images), which accepts
+    ``last_image``."""
     import torch
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, \
         WanTransformer3DModel
@@ -48,7 +51,9 @@ def build_tiny_wan_i2v(directory: str | Path, *, seed: int = 0) -> Path:
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
                                         in_channels=36, out_channels=16, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=32,
                                         num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                        rope_max_seq_len=32, image_dim=4)
+                                        rope_max_seq_len=32, image_dim=4,
+                                        # CLIP tokens per image: (32 / 1)^2 patches + the class token
+                                        pos_embed_seq_len=2 * (32 * 32 + 1) if first_last_frame else None)
     torch.manual_seed(seed)
     image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2,
                                                      num_attention_heads=2, image_size=32, intermediate_size=16,
