@@ -46,7 +46,7 @@ def test_zero3_two_ranks_stage1_then_stage2(tmp_path, tiny_synth_root):
     assert (run_dir / "targets" / "stamp.json").is_file()
     assert json.loads((run_dir / "targets" / "stamp.json").read_text())["num_latents"] == 3
     # end-of-stage DeepSpeed checkpoints hold both ranks' ZeRO partitions
-    ckpt = run_dir / "stage2" / "checkpoints" / "step6"
+    ckpt = run_dir / "stage2" / "checkpoints" / "step000006"
     assert len(list(ckpt.glob("*zero_pp_rank_*optim_states.pt"))) == 2
 
     # the export reloads in plain transformers with the engine's logits
