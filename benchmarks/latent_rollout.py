@@ -9,17 +9,27 @@ with exactly what users run::
 
 (torchrun, N ranks, gloo on CPU / NCCL on GPU), on one small synthetic set generated once (``ensure_synth``), same
 data, seed and settings for every point. K = 0 is one pass (``stage2.mode=single``, answer-only SFT): the switch
-does nothing there, so its on/off ratio measures the noise. Every job sets
+does nothing there, so its on/off ratio measures the noise. Every job sets three ZeRO-3 knobs so that the micro
+backbones really all-gather per module call on CPU, as a large model does on GPUs (each is a flag; the project
+defaults are in parentheses):
 
-* ``deepspeed.stage3_param_persistence_threshold=0``: no parameter is persistent, so even the micro backbones'
-  tiny parameters are really all-gathered per module call (the default 100k would keep most of them resident);
-* ``deepspeed.stage3_max_reuse_distance`` (``--max-reuse-distance``, default 0): DeepSpeed keeps a parameter gathered
-  when its module trace shows it is used again within that many parameters. The project default (1e9) therefore
-  already keeps the whole decoder of any model below ~1e9 parameters gathered across the K+2 passes, from the third
-  step on (once the trace is recorded): the switch could not change anything on a small model. 0 measures what the
-  switch is for (the "gather per pass" cost); pass ``--max-reuse-distance 1000000000`` to measure under the default;
-* ``checkpoint.every_steps=0``, ``checkpoint.resume=false``, ``tracking.enabled=false`` (MLflow logging happens
-  outside the timed step anyway), ``data.decoder=pyav`` (no DALI threads competing for the cores).
+* ``deepspeed.stage3_param_persistence_threshold=0`` (1e5, ``--persistence-threshold``): no parameter is kept
+  resident for being small; at 1e5 nearly all of a micro backbone's parameters would be;
+* ``deepspeed.stage3_prefetch_bucket_size=0`` (5e7, ``--prefetch-bucket-size``): once DeepSpeed has recorded the
+  module trace (from the second step), it prefetches up to this many parameter elements ahead along the trace and
+  keeps a prefetched parameter until its last prefetched use. A whole micro model (~10 M elements, mostly the tied
+  embedding) fits in 5e7, so with the default it is gathered in ONE all-gather per step whatever K and the switch;
+* ``deepspeed.stage3_max_reuse_distance=0`` (1e9, ``--max-reuse-distance``): a parameter whose next use in the
+  trace is within this many elements is not released; 1e9 covers a whole decoder below ~1e9 parameters, i.e. it
+  already keeps a small decoder gathered across the K+2 passes.
+
+With the defaults the switch has nothing to do on a small model; these settings measure what it is for (the cost of
+re-gathering the decoder per pass, which a multi-billion-parameter decoder pays under the defaults too, since its
+reuse distance exceeds 1e9 and one layer fills the prefetch bucket). ``--count-gathers`` checks it: a separate
+3-step run per point through the project's Trainer class with DeepSpeed's parameter coordinator instrumented counts
+the all-gather calls and gathered elements per step. Also fixed: ``checkpoint.every_steps=0``,
+``checkpoint.resume=false``, ``tracking.enabled=false`` (MLflow logging is outside the timed step anyway) and
+``data.decoder=pyav`` (no DALI threads competing for the cores).
 
 From each job's ``train_log.jsonl`` it reports the median over the steps after ``--warmup`` of ``step_s`` (the whole
 optimizer step: data, forward, backward, optimizer; what the trainer logs), ``forward_s``, ``backward_s``,
@@ -83,10 +93,13 @@ QWEN25_VL_3B_SHAPE = dict(
 
 # (registry entry the CLI is given, data settings). Micro/tiny: the test suite's tiny set; 3B: longer videos.
 BACKBONES = {
-    "qwen2_5_vl-micro": dict(registry="qwen2_5_vl-micro", size=56, frames=8, max_pixels=3136, micro_batch=4),
-    "qwen2_5_vl-tiny": dict(registry="qwen2_5_vl-tiny", size=56, frames=8, max_pixels=3136, micro_batch=4),
+    "qwen2_5_vl-micro": dict(registry="qwen2_5_vl-micro", size=56, frames=8, max_pixels=3136, micro_batch=4,
+                             num_train=32),
+    "qwen2_5_vl-tiny": dict(registry="qwen2_5_vl-tiny", size=56, frames=8, max_pixels=3136, micro_batch=4,
+                            num_train=32),
+    # 16 videos: with 1 rank x 4 per step an epoch is 4 steps, so a 4-step warm-up leaves only cached (decoded) data
     "qwen2_5_vl-3b-shaped": dict(registry="qwen2_5_vl-3b", size=224, frames=16, max_pixels=224 * 224, micro_batch=4,
-                                 shape=QWEN25_VL_3B_SHAPE),
+                                 num_train=16, shape=QWEN25_VL_3B_SHAPE),
 }
 
 
@@ -104,6 +117,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=None, help="stage2.micro_batch_size (default per backbone)")
     p.add_argument("--max-reuse-distance", type=int, default=0,
                    help="deepspeed.stage3_max_reuse_distance (0 = re-gather every module call; project default 1e9)")
+    p.add_argument("--persistence-threshold", type=int, default=0,
+                   help="deepspeed.stage3_param_persistence_threshold (0 = nothing stays gathered; project "
+                        "default 1e5)")
+    p.add_argument("--prefetch-bucket-size", type=int, default=0,
+                   help="deepspeed.stage3_prefetch_bucket_size (0 = no prefetch; project default 5e7)")
+    p.add_argument("--count-gathers", action="store_true",
+                   help="also count ZeRO-3 all-gathers per step for every point (a separate 3-step run per point "
+                        "through the Trainer class, with DeepSpeed's coordinator instrumented; not timed)")
     p.add_argument("--hf-trainer-baseline", action="store_true",
                    help="also train the same backbone on the same data with transformers.Trainer + ZeRO-3 (K=0)")
     p.add_argument("--skip-final-save", action="store_true",
@@ -116,6 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per job before it is killed")
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)  # internal: the HF Trainer job (torchrun)
+    p.add_argument("--count-worker", default=None, help=argparse.SUPPRESS)  # internal: all-gather counting job
+    p.add_argument("--init-worker", default=None, help=argparse.SUPPRESS)  # internal: writes the 3B-shaped init
     args = p.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
     if not args.ks or min(args.ks) < 0 or max(args.ks) > 16:
@@ -167,14 +190,16 @@ def common_overrides(args, work: Path) -> list[str]:
     micro = args.micro_batch or b["micro_batch"]
     return [
         f"runs_dir={work / 'jobs'}", "seed=0",
-        f"data.root={data_root}", "synth.seed=0", "synth.num_train=32", "synth.num_val=8", "synth.num_test=8",
+        f"data.root={data_root}", "synth.seed=0", f"synth.num_train={b['num_train']}", "synth.num_val=8",
+        "synth.num_test=8",
         f"synth.size={b['size']}", f"synth.num_frames={max(16, b['frames'])}", "synth.workers=1",
         f"data.frames.num_frames={b['frames']}", f"data.frames.max_frames={b['frames']}",
         f"data.max_pixels={b['max_pixels']}", "data.decoder=pyav",
         f"model.backbone={b['registry']}", "optim.warmup_steps=1", "optim.schedule=constant",
         f"stage2.num_steps={args.steps}", f"stage2.micro_batch_size={micro}", f"stage2.log_every={args.steps}",
-        "deepspeed.zero_stage=3", "deepspeed.stage3_param_persistence_threshold=0",
+        "deepspeed.zero_stage=3", f"deepspeed.stage3_param_persistence_threshold={args.persistence_threshold}",
         f"deepspeed.stage3_max_reuse_distance={args.max_reuse_distance}",
+        f"deepspeed.stage3_prefetch_bucket_size={args.prefetch_bucket_size}",
         "checkpoint.every_steps=0", "checkpoint.resume=false", "tracking.enabled=false",
     ]
 
@@ -199,23 +224,29 @@ def ensure_data(args, work: Path) -> Path:
 
 
 def ensure_3b_shaped_init(args, work: Path) -> Path:
-    """Write a random-init Qwen2.5-VL model with the 3B's shape (bf16) + the tokenizer, once."""
+    """A random-init Qwen2.5-VL model with the 3B's shape (bf16) + the tokenizer, written once by a subprocess (so
+    this process never holds GPU memory while the jobs run)."""
+    folder = work / "init" / args.backbone
+    if not ((folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file() and
+            any(folder.glob("*.safetensors"))):
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--backbone", args.backbone, "--init-worker",
+                        str(folder)], check=True, cwd=REPO, env=child_env())
+    return folder
+
+
+def init_worker(backbone: str, folder: Path) -> None:
     import torch
 
     from storms_dist.model.build import _hf_classes, build_tokenizer, tiny_hf_config
     from storms_dist.model.registry import BackboneSpec
 
-    folder = work / "init" / args.backbone
-    if (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file() and \
-            any(folder.glob("*.safetensors")):
-        return folder
     tokenizer = build_tokenizer()
-    spec = BackboneSpec(name=args.backbone, family="qwen2_5_vl", tiny_config=BACKBONES[args.backbone]["shape"],
+    spec = BackboneSpec(name=backbone, family="qwen2_5_vl", tiny_config=BACKBONES[backbone]["shape"],
                         vision_keys=("model.visual.",), merger_keys=("model.visual.merger.",))
     config = tiny_hf_config(spec, tokenizer)
     _, model_cls = _hf_classes("qwen2_5_vl")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"[latent_rollout] writing a random-init {args.backbone} model to {folder} (on {device})", flush=True)
+    print(f"[latent_rollout] writing a random-init {backbone} model to {folder} (on {device})", flush=True)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -229,13 +260,11 @@ def ensure_3b_shaped_init(args, work: Path) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     num_params = sum(p.numel() for p in model.parameters())
-    (tmp / "shape.json").write_text(json.dumps({"num_params": num_params, **BACKBONES[args.backbone]["shape"]},
+    (tmp / "shape.json").write_text(json.dumps({"num_params": num_params, **BACKBONES[backbone]["shape"]},
                                                indent=2) + "\n")
-    del model
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     print(f"[latent_rollout] {num_params / 1e9:.2f} B parameters", flush=True)
-    return folder
 
 
 # ---- running jobs ----
@@ -333,6 +362,68 @@ def run_hf_baseline(args, work: Path, init_from: str, nproc: int) -> dict:
     return result
 
 
+def run_gather_count(args, work: Path, k: int, gather: str, init_from: str, nproc: int) -> dict:
+    """All-gathers per step for one point (3 steps; the last is the steady state, once DeepSpeed's trace is
+    recorded). Runs the project's Trainer class under torchrun with the same config, not the CLI, because it
+    instruments DeepSpeed's parameter coordinator in the worker process."""
+    from storms_dist.train.distributed import free_port
+
+    overrides = common_overrides(args, work) + point_overrides(k, gather)
+    overrides = [o for o in overrides if not o.startswith("name=")] + [f"name=count_k{k}_{gather}"]
+    cfg = load_run_config(overrides)
+    out_dir = cfg.run_dir / "count"
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    spec = {"overrides": overrides, "init_from": init_from, "steps": 3, "out_dir": str(out_dir)}
+    (out_dir / "worker.json").write_text(json.dumps(spec, indent=2) + "\n")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", str(Path(__file__).resolve()), "--count-worker",
+               str(out_dir / "worker.json")]
+    log_path = work / "logs" / f"count_k{k}_{gather}.log"
+    print(f"[latent_rollout] K={k} gather={gather}: counting all-gathers...", flush=True)
+    rc, tail = run_job(command, log_path, out_dir, steps=3, kill_after_last_step=False, timeout=args.timeout,
+                       env=child_env())
+    if rc != 0:
+        raise RuntimeError(f"gather count K={k} gather={gather}: exit code {rc}; last output:\n{tail}")
+    rows = json.loads((out_dir / "counts.json").read_text())
+    return {"k": k, "gather": gather, "per_step": rows, "steady": rows[-1]}
+
+
+def count_worker(spec_path: str) -> None:
+    """Train 3 Stage II steps through the project's Trainer with DeepSpeed's coordinator counting all-gathers."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    from storms_dist.train.trainer import Trainer, TrainJob
+
+    name = "_PartitionedParameterCoordinator__all_gather_params"
+    if not hasattr(PartitionedParameterCoordinator, name):
+        raise RuntimeError(f"this DeepSpeed has no PartitionedParameterCoordinator.{name}: cannot count all-gathers")
+    counts = {"calls": 0, "params": 0, "numel": 0}
+    original = getattr(PartitionedParameterCoordinator, name)
+
+    def counting(self, params, forward):
+        counts["calls"] += 1
+        counts["params"] += len(params)
+        counts["numel"] += sum(p.ds_numel for p in params)
+        return original(self, params, forward)
+
+    setattr(PartitionedParameterCoordinator, name, counting)
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = load_run_config(spec["overrides"])
+    out_dir = Path(spec["out_dir"])
+    init_from = None if spec["init_from"] == "registry" else spec["init_from"]
+    trainer = Trainer(cfg, TrainJob(name="count", stage=2, stage_cfg=cfg.stage2, out_dir=out_dir / "job",
+                                    init_from=init_from))
+    batches, rows = iter(trainer.sampler), []
+    for step in range(spec["steps"]):
+        counts.update(calls=0, params=0, numel=0)
+        metrics = trainer.train_step(batches)
+        rows.append({"step": step + 1, "allgather_calls": counts["calls"], "params_gathered": counts["params"],
+                     "numel_gathered": counts["numel"], "loss": metrics["loss"]})
+    if trainer.dist.is_main:
+        (out_dir / "counts.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
 # ---- the HF Trainer worker (runs under torchrun) ----
 def hf_worker(spec_path: str) -> None:
     """transformers.Trainer + DeepSpeed ZeRO-3 on the same backbone (same init), data and DeepSpeed settings as the
@@ -354,7 +445,7 @@ def hf_worker(spec_path: str) -> None:
     cfg = load_run_config(spec["overrides"])
     out_dir = Path(spec["out_dir"])
     init_from = None if spec["init_from"] == "registry" else spec["init_from"]
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     stage = cfg.stage2
     lr = stage.lr or cfg.optim.lr
     on_gpu = torch.cuda.is_available()
@@ -393,6 +484,8 @@ def hf_worker(spec_path: str) -> None:
         dataloader_num_workers=0, dataloader_drop_last=True, dataloader_pin_memory=on_gpu,
         logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
         ddp_backend="nccl" if on_gpu else "gloo",
+        # CPU: accelerate treats DeepSpeed without CUDA as one process unless use_cpu (then MULTI_CPU + DeepSpeed)
+        use_cpu=not on_gpu,
     )
 
     class Accounting:
@@ -452,7 +545,7 @@ def fmt(value, digits=3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def table(results: list[dict], hf: dict | None) -> str:
+def table(results: list[dict], hf: dict | None, counts: list[dict] = ()) -> str:
     by = {(r["k"], r["gather"]): r for r in results}
     ks = sorted({r["k"] for r in results})
     gpu = any("mfu" in r for r in results)
@@ -476,6 +569,15 @@ def table(results: list[dict], hf: dict | None) -> str:
         if gpu:
             row.append(f"{fmt(off and off.get('mfu'), 3)} / {fmt(on and on.get('mfu'), 3)}")
         lines.append("| " + " | ".join(row) + " |")
+    if counts:
+        by_count = {(c["k"], c["gather"]): c["steady"] for c in counts}
+        lines += ["", "| K | all-gather calls / step off | on | parameters gathered / step (M elements) off | on |",
+                  "|---|---|---|---|---|"]
+        for k in sorted({c["k"] for c in counts}):
+            off, on = by_count.get((k, "off")), by_count.get((k, "on"))
+            calls = [str(c["allgather_calls"]) if c else "–" for c in (off, on)]
+            numel = [fmt(c and c["numel_gathered"] / 1e6, 1) for c in (off, on)]
+            lines.append(f"| {k} | {calls[0]} | {calls[1]} | {numel[0]} | {numel[1]} |")
     if hf is not None:
         lines += ["", "| trainer (K=0, same model, data, ZeRO-3 config) | step s (min..max) | tokens/s | TFLOP/s/dev"
                   + (" | MFU |" if gpu else " |"), "|---|---|---|---|" + ("---|" if gpu else "")]
@@ -494,6 +596,12 @@ def main(argv=None) -> int:
     if args.hf_worker:
         hf_worker(args.hf_worker)
         return 0
+    if args.count_worker:
+        count_worker(args.count_worker)
+        return 0
+    if args.init_worker:
+        init_worker(args.backbone, Path(args.init_worker))
+        return 0
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / "runs" / "torch_extensions"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work_dir).resolve()
@@ -504,6 +612,11 @@ def main(argv=None) -> int:
     if gpus and nproc > gpus:
         raise SystemExit(f"--nproc {nproc}: only {gpus} GPU(s); NCCL needs one GPU per rank")
     gathers = ["off", "on"] if args.gather == "both" else [args.gather]
+    b = BACKBONES[args.backbone]
+    steps_per_epoch = b["num_train"] // ((args.micro_batch or b["micro_batch"]) * nproc)
+    if args.warmup < steps_per_epoch:
+        print(f"[latent_rollout] note: an epoch is {steps_per_epoch} steps and the warm-up {args.warmup}: timed steps "
+              f"{args.warmup + 1}..{steps_per_epoch} still decode their videos (data_s; cached afterwards)", flush=True)
 
     started = time.time()
     meta = {"date": date.today().isoformat(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -518,18 +631,24 @@ def main(argv=None) -> int:
         init_from = str(ensure_3b_shaped_init(args, work))
         meta["init_from"] = init_from
 
-    results, hf = [], None
+    results, hf, counts = [], None, []
     for i, k in enumerate(args.ks):
         order = gathers if i % 2 == 0 else gathers[::-1]  # interleave: alternate which setting runs first
         for gather in order:
             results.append(run_point(args, work, k, gather, init_from, nproc))
-            save(out, meta, results, hf)
+            save(out, meta, results, hf, counts)
     if args.hf_trainer_baseline:
         hf = run_hf_baseline(args, work, init_from, nproc)
+        save(out, meta, results, hf, counts)
+    if args.count_gathers:
+        for k in args.ks:
+            for gather in gathers:
+                counts.append(run_gather_count(args, work, k, gather, init_from, nproc))
+                save(out, meta, results, hf, counts)
     meta["loadavg_end"] = loadavg()
     meta["wall_min"] = round((time.time() - started) / 60, 1)
-    save(out, meta, results, hf)
-    text = table(results, hf)
+    save(out, meta, results, hf, counts)
+    text = table(results, hf, counts)
     print(f"\nload average: start {meta['loadavg_start']}, end {meta['loadavg_end']}; wall {meta['wall_min']} min\n")
     print(text)
     if args.markdown:
@@ -538,9 +657,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def save(out: Path, meta: dict, results: list[dict], hf: dict | None) -> None:
+def save(out: Path, meta: dict, results: list[dict], hf: dict | None, counts: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "points": results, "hf_trainer": hf}, indent=2) + "\n")
+    out.write_text(json.dumps({"meta": meta, "points": results, "hf_trainer": hf, "gather_counts": counts},
+                              indent=2) + "\n")
 
 
 if __name__ == "__main__":

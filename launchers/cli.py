@@ -142,17 +142,19 @@ def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, swe
     for point in points:
         extra = [f"{k}={v}" for k, v in point] + ([f"name={base}-{point_suffix(point)}"] if point else [])
         cfg, wants_synth = load_resolved_config(config, [*overrides, *extra])
+        if resume_state is not None:  # the saved config.yaml always has a synth section: ask the first launch
+            wants_synth = bool(resume_state.get("wants_synth"))
         check_paths(cfg)
         with_stage0 = needs_stage0(cfg, opts)
         with_synth = check_data(cfg, wants_synth, with_stage0)
         fingerprint = config_fingerprint(to_dict(cfg))
         previous = None if dry_run else _check_run_dir(cfg, fingerprint, resuming=resume_state is not None)
         sweep = {"name": base, "point": dict(point)} if point else None
-        pipelines.append((cfg, with_synth, fingerprint, previous, sweep))
+        pipelines.append((cfg, with_synth, fingerprint, previous, sweep, wants_synth))
     if dry_run:
         from .submit import sbatch_scripts
 
-        for cfg, with_synth, _, _, _ in pipelines:
+        for cfg, with_synth, *_ in pipelines:
             plan = build_plan(cfg, opts, with_synth=with_synth, parent_run_id="<MLflow parent run id>")
             run_dir = cfg.run_dir.resolve()
             print(f"# ===== pipeline {cfg.name}: {run_dir}  (dry run: nothing submitted)", file=out)
@@ -168,7 +170,7 @@ def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, swe
 
     run_dirs = []
     synth_done_by: str | None = None  # sweeps: the first pipeline makes the data, the others wait for it
-    for cfg, with_synth, fingerprint, previous, sweep in pipelines:
+    for cfg, with_synth, fingerprint, previous, sweep, wants_synth in pipelines:
         run_dir = cfg.run_dir.resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         dump(cfg, run_dir / "config.yaml")
@@ -184,6 +186,7 @@ def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, swe
             state["history"] = [*previous.get("history", []), {
                 "submitted_at": previous["submitted_at"], "cluster": previous["cluster"],
                 "jobs": {s["name"]: s.get("job_id") for s in previous["stages"] if s.get("job_id")}}]
+        state["wants_synth"] = wants_synth
         write_state(run_dir, state)
         if opts.cluster == "slurm":
             waits_for = synth_done_by if with_synth and not own_synth else None
@@ -294,6 +297,9 @@ def cmd_launch(args) -> int:
         return 0
     except PipelineFailed:
         return 1
+    except KeyboardInterrupt:
+        print("storms launch: interrupted (the running stage was cancelled; --resume continues)", file=sys.stderr)
+        return 130
     except (LaunchError, ConfigError, FileNotFoundError) as e:
         print(f"storms launch: error: {e}", file=sys.stderr)
         return 2

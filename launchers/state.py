@@ -209,6 +209,8 @@ def query_stage(stage: dict, cluster: str, squeue: dict[str, JobInfo], sacct: di
     if cluster != "slurm" or not ids:
         status.state = stage.get("local_state") or (files_state(stage) if ids else None) or "NOT SUBMITTED"
         status.runtime, status.note = stage.get("runtime", ""), stage.get("note", "")
+        if status.state == "RUNNING" and not _alive(stage.get("driver_pid")):
+            status.state, status.note = "UNKNOWN", "the `storms launch` process that ran it is gone"
         return status
     per_task = []
     for job_id in ids:
@@ -234,6 +236,18 @@ def query_stage(stage: dict, cluster: str, squeue: dict[str, JobInfo], sacct: di
     return status
 
 
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return True  # unknown: trust the recorded state
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
 def _seconds(elapsed: str) -> int:
     days, _, rest = elapsed.rpartition("-")
     parts = [int(p) for p in rest.split(":") if p.isdigit()]
@@ -257,17 +271,18 @@ def pipeline_status(run_dir: str | Path, state: dict | None = None) -> list[Stag
             path, line = error_excerpt(stage)
             if path is not None:
                 status.log = str(path)
-            hint = {"TIMEOUT": "time limit reached without requeue; relaunch to resume from the checkpoint",
-                    "OUT_OF_MEMORY": "out of memory: raise --mem or lower micro_batch_size",
-                    "NODE_FAIL": "node failure; relaunch to resume from the checkpoint"}.get(status.state)
-            status.note = line or hint or status.note
+            hint = {"TIMEOUT": "time limit reached and not requeued (too many timeouts?); --resume continues "
+                               "from the latest checkpoint",
+                    "OUT_OF_MEMORY": "out of memory: raise --mem or lower the micro batch size",
+                    "NODE_FAIL": "node failure; --resume continues from the latest checkpoint"}.get(status.state)
+            status.note = hint or line or status.note
         failed_dep = _failed_dependency(stage, state, by_name)
         if failed_dep and (status.state.startswith("CANCELLED") or "DependencyNeverSatisfied" in status.note):
             status.note = (f"dependency {failed_dep} failed" if status.state.startswith("CANCELLED")
                            else f"will never start: dependency {failed_dep} failed (storms launch --cancel)")
         if status.requeues:
-            status.note = "; ".join(filter(None, [status.note, f"requeued {status.requeues}x (preemption / time "
-                                                               "limit), resumed from its checkpoint"]))
+            requeued = f"requeued {status.requeues}x (preemption / time limit), resumed from its checkpoint"
+            status.note = "; ".join(filter(None, [status.note, requeued]))
     return statuses
 
 
@@ -332,7 +347,8 @@ def format_status(run_dir: str | Path, state: dict, statuses: list[StageStatus])
         summary = Path(state["run_dir"]) / "eval" / "summary.json"
         if summary.is_file():
             acc = json.loads(summary.read_text())["accuracy"]
-            lines.append(f"COMPLETED: accuracy {acc:.3f} on {state['config_split']}; metrics in {summary.parent}")
+            lines.append(f"COMPLETED: accuracy {acc:.3f} on {state.get('config_split', 'the eval split')}; "
+                         f"metrics in {summary.parent}")
         else:
             lines.append("COMPLETED")
     else:
@@ -347,7 +363,7 @@ def wait(run_dir: str | Path, *, timeout_s: float = 3600, poll_s: float = 3.0) -
     while True:
         statuses = pipeline_status(run_dir)
         verdict = overall(statuses)
-        if verdict != "RUNNING" or time.time() > deadline:
+        if verdict in ("COMPLETED", "FAILED", "CANCELLED") or time.time() > deadline:
             return verdict, statuses
         time.sleep(poll_s)
 
@@ -363,10 +379,11 @@ def cancel(run_dir: str | Path) -> list[str]:
         return []
     if state["cluster"] == "slurm":
         subprocess.run(["scancel", *ids], check=False)
-    else:
-        for job_id in ids:
+    else:  # stop the foreground `storms launch` (it cancels its running job), then the job's processes
+        drivers = {s.get("driver_pid") for s in targets if s.get("driver_pid")}
+        for pid, sig in [*((p, signal.SIGINT) for p in drivers), *((j, signal.SIGTERM) for j in ids)]:
             try:
-                os.kill(int(job_id), signal.SIGTERM)
+                os.kill(int(pid), sig)
             except (ValueError, ProcessLookupError, PermissionError):
                 pass
         for stage in targets:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shlex
 import sys
 import time
@@ -181,7 +182,7 @@ def run_sequential(plan: list[StagePlan], opts: LaunchOptions, state: dict, run_
         started = time.time()
         jobs = [executor.submit(StageJob(stage.spec), *args) for args in calls]
         entry["job_id"], entry["jobs"], entry["array"] = jobs[0].job_id, [j.job_id for j in jobs], None
-        entry["local_state"] = "RUNNING"
+        entry["local_state"], entry["driver_pid"] = "RUNNING", os.getpid()
         write_state(run_dir, state)
         print(f"[storms launch] {stage.name}: {opts.cluster} job{'s' if len(jobs) > 1 else ''} "
               f"{', '.join(j.job_id for j in jobs)} ({stage.tasks_per_node} task(s)); logs in "

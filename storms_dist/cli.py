@@ -87,11 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="export folder to write")
 
     from storms_dist.benchmarks.cli import add_data_parser, add_score_parser
+    from storms_dist.launchers.cli import add_launch_parser
     from storms_dist.thoughts.cli import add_thoughts_parser
 
     add_score_parser(sub)
     add_data_parser(sub)
     add_thoughts_parser(sub)
+    add_launch_parser(sub)
 
     p = sub.add_parser("infer", help="answer one question about one video with the latent rollout",
                        description="Prefill video + question, K latent steps, forced <|latent_end|>, greedy answer.")
@@ -225,6 +227,12 @@ def cmd_thoughts(args) -> int:
     return thoughts(args)
 
 
+def cmd_launch(args) -> int:
+    from storms_dist.launchers.cli import cmd_launch as launch
+
+    return launch(args)
+
+
 def cmd_export(args) -> int:
     from storms_dist.model.build import export_from_checkpoint
 
@@ -246,7 +254,7 @@ def cmd_infer(args) -> int:
 
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "targets": cmd_targets, "train": cmd_train, "eval": cmd_eval,
             "export": cmd_export, "infer": cmd_infer, "score": cmd_score, "data": cmd_data,
-            "thoughts": cmd_thoughts}
+            "thoughts": cmd_thoughts, "launch": cmd_launch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@ reporting from Slurm's answers, sharded targets, signal recording, and the debug
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
 import os
 import signal
@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from storms_dist.launchers import state as state_mod
 from storms_dist.launchers.cli import main as launch_main
 from storms_dist.launchers.plan import (
@@ -220,7 +219,7 @@ def test_status_names_the_failed_stage_and_its_victims(tmp_path, monkeypatch):
 
 
 def test_status_without_accounting_falls_back_to_files(tmp_path, monkeypatch):
-    run_dir, state = _fake_state(tmp_path)
+    run_dir, _ = _fake_state(tmp_path)
     out = run_dir / "stage2"
     (out / "export").mkdir(parents=True)
     (out / "summary.json").write_text("{}")
@@ -252,7 +251,7 @@ def test_part_ranges_cover_every_sample_once():
         for count in (1, 3, 8):
             ranges = [part_range(n, i, count) for i in range(count)]
             assert ranges[0][0] == 0 and ranges[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +273,13 @@ def test_sharded_targets_equal_build_targets(tiny_set):
     from storms_dist.data.manifest import read_manifest
     from storms_dist.data.preprocess import VisionSpec
     from storms_dist.model.build import build_model, build_tokenizer
-    from storms_dist.targets import TargetStore, build_target_part, build_targets, is_current, merge_target_parts
+    from storms_dist.targets import (
+        TargetStore,
+        build_target_part,
+        build_targets,
+        is_current,
+        merge_target_parts,
+    )
 
     tmp, cfg, _ = tiny_set
     model = build_model(cfg.model, build_tokenizer(), seed=0)
@@ -302,7 +307,7 @@ def test_debug_executor_reports_a_failed_stage(tiny_set):
     tmp, _, overrides = tiny_set
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     argv = [sys.executable, "-m", "storms_dist.launchers.cli", CONFIG, "--cluster", "debug", "--stage0", "no",
-            "--targets-shards", "2", *overrides, "name=dbg", "stage1.num_steps=3", "stage1.micro_batch_size=2",
+            "--targets-shards", "1", *overrides, "name=dbg", "stage1.num_steps=3", "stage1.micro_batch_size=2",
             "stage1.lr=1e30", "robustness.on_nonfinite_loss=stop", "model.num_latents=3"]
     result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
@@ -314,3 +319,37 @@ def test_debug_executor_reports_a_failed_stage(tiny_set):
     status = subprocess.run([sys.executable, "-m", "storms_dist.launchers.cli", "--status", str(tmp / "runs" / "dbg"),
                              "--json"], capture_output=True, text=True, check=False)
     assert status.returncode == 1 and json.loads(status.stdout)["state"] == "FAILED"
+
+
+def test_sweep_dry_run_one_pipeline_per_point(tmp_path, capsys):
+    data = fake_data(tmp_path / "data")
+    plain = plain_config(tmp_path, data)
+    code, out, err = run_cli([str(plain), "--dry-run", "--sweep", "model.num_latents=2,4", "--sweep",
+                              "optim.lr=1e-3,3e-4"], capsys)
+    assert code == 0, err
+    names = [line.split()[3].rstrip(":") for line in out.splitlines() if line.startswith("# ===== pipeline")]
+    assert names == ["demo_quick-num_latents2-lr1e-3", "demo_quick-num_latents2-lr3e-4",
+                     "demo_quick-num_latents4-lr1e-3", "demo_quick-num_latents4-lr3e-4"]
+
+
+def test_a_run_folder_is_not_reused_for_another_config_or_while_running(tmp_path, monkeypatch):
+    from storms_dist.launchers.cli import _check_run_dir
+    from storms_dist.launchers.plan import config_fingerprint
+
+    data = fake_data(tmp_path / "data")
+    cfg, _ = load_resolved_config(str(plain_config(tmp_path, data)), [])
+    run_dir, state = _fake_state(tmp_path)
+    state["config_fingerprint"] = "f" * 16
+    monkeypatch.setattr(type(cfg), "run_dir", property(lambda self: run_dir))
+    state_mod.write_state(run_dir, state)
+    with pytest.raises(LaunchError, match="another config"):
+        _check_run_dir(cfg, config_fingerprint({"other": 1}))
+    monkeypatch.setattr(state_mod, "sacct_info", lambda ids: {})
+    monkeypatch.setattr(state_mod, "squeue_info", lambda ids: {j: state_mod.JobInfo("PENDING") for j in
+                                                               ("10_0", "10_1", "11", "12", "13")})
+    with pytest.raises(LaunchError, match="still running"):
+        _check_run_dir(cfg, "f" * 16)
+    monkeypatch.setattr(state_mod, "squeue_info", lambda ids: {})
+    monkeypatch.setattr(state_mod, "sacct_info", lambda ids: {j: state_mod.JobInfo("COMPLETED") for j in
+                                                              ("10_0", "10_1", "11", "12", "13")})
+    assert _check_run_dir(cfg, "f" * 16)["name"] == "run"  # same config, over: continue it

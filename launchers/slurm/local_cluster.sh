@@ -215,6 +215,11 @@ wait_idle() {
 
 cmd_start() {
   [[ $(id -u) == 0 ]] || die "must run as root (apt-get, /etc/slurm, daemons)"
+  # jobs rendezvous at MASTER_ADDR = the node's name (SLURM_JOB_NODELIST): it must resolve
+  if ! getent hosts "$HOST" >/dev/null; then
+    log "hostname $HOST does not resolve: adding '127.0.0.1 $HOST' to /etc/hosts"
+    echo "127.0.0.1 $HOST" >> /etc/hosts
+  fi
   install_packages
   mkdir -p "$DIR"/{state,spool,log}
   write_slurm_conf   # before any client command: without slurm.conf every client dies (configless lookup)
