@@ -25,9 +25,7 @@ defaults are in parentheses):
 
 With the defaults the switch has nothing to do on a small model; these settings measure what it is for (the cost of
 re-gathering the decoder per pass, which a multi-billion-parameter decoder pays under the defaults too, since its
-reuse distance exceeds 1e9 and one layer fills the prefetch bucket). ``--count-gathers`` checks it: a separate
-3-step run per point through the project's Trainer class with DeepSpeed's parameter coordinator instrumented counts
-the all-gather calls and gathered elements per step. Also fixed: ``checkpoint.every_steps=0``,
+reuse distance exceeds 1e9 and one layer fills the prefetch bucket). Also fixed: ``checkpoint.every_steps=0``,
 ``checkpoint.resume=false``, ``tracking.enabled=false`` (MLflow logging is outside the timed step anyway) and
 ``data.decoder=pyav`` (no DALI threads competing for the cores).
 
@@ -35,6 +33,14 @@ From each job's ``train_log.jsonl`` it reports the median over the steps after `
 optimizer step: data, forward, backward, optimizer; what the trainer logs), ``forward_s``, ``backward_s``,
 ``optimizer_s``, ``data_s``, ``tokens_per_s`` (all ranks), ``tflops_per_device`` (storms_dist/train/flops.py) and
 ``mfu`` (GPU only), then prints a Markdown table K x switch with the on/off ratio.
+
+Separate jobs run minutes apart, so on a shared machine load drift alone can move a ratio by 2x. ``--paired`` adds,
+per K, one job (the project's Trainer class under torchrun, same config; not the CLI, because it instruments
+DeepSpeed) that runs ``--warmup`` steps and then ``--steps`` pairs of steps with the switch off and on in ABBA order
+(DeepSpeed's memo of which parameters each module call releases is keyed by the setting, so each step's setting takes
+effect exactly as in a job that keeps it), and counts the
+ZeRO-3 all-gather calls and gathered elements per step: the on/off ratio from adjacent steps, and the count that
+explains it.
 
 ``--hf-trainer-baseline`` also trains the same random-init backbone on the same data with a plain
 ``transformers.Trainer`` + DeepSpeed ZeRO-3 (the DeepSpeed config the project generates for the K=0 point, K=0
@@ -50,12 +56,14 @@ it builds the config with ``tiny_hf_config`` (the tokenizer's vocabulary and spe
 ``model.backbone=qwen2_5_vl-3b --init-from that-folder`` (the registry entry then only supplies the family and the
 module keys; the weights come from the folder).
 
-    # CPU, 2 ranks (gloo): the table in docs/benchmarks.md
-    python benchmarks/latent_rollout.py --ks 0,4,8,16 --gather both --nproc 2 --steps 8 --warmup 2 \\
-        --backbone qwen2_5_vl-micro --out runs/bench_latent_rollout/results.json
-    # GPU (one H100/H200, 1 rank, NCCL), with the HF Trainer baseline
-    python benchmarks/latent_rollout.py --ks 0,4,8,16 --gather both --nproc 1 --steps 10 --warmup 3 \\
-        --backbone qwen2_5_vl-3b-shaped --hf-trainer-baseline --skip-final-save --out runs/bench_gpu.json
+    # CPU, 2 ranks (gloo): the tables in docs/benchmarks.md (~14 min on 2 cores)
+    python benchmarks/latent_rollout.py --ks 16,8,4,0 --gather both --nproc 2 --steps 10 --warmup 2 \\
+        --backbone qwen2_5_vl-micro --hf-trainer-baseline --paired --out runs/bench_latent_rollout/results.json
+    # GPU (one H100/H200 -> 1 rank, NCCL, bf16), with the HF Trainer baseline; split --ks over several calls where a
+    # command may run at most 10 minutes (each 3B job spends ~1-2 min loading and partitioning before its steps)
+    python benchmarks/latent_rollout.py --ks 0,4,8,16 --gather both --steps 10 --warmup 4 \\
+        --backbone qwen2_5_vl-3b-shaped --hf-trainer-baseline --skip-final-save \\
+        --work-dir runs/bench_latent_rollout_gpu --out runs/bench_latent_rollout_gpu/results.json
 """
 
 from __future__ import annotations
@@ -111,7 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="deepspeed.gather_latent_passes setting(s) to measure")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks per job (default: 2 on CPU, the number of GPUs with CUDA; one rank per GPU)")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per job")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per job (and step pairs with --paired)")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     p.add_argument("--backbone", choices=tuple(BACKBONES), default="qwen2_5_vl-micro")
     p.add_argument("--micro-batch", type=int, default=None, help="stage2.micro_batch_size (default per backbone)")
@@ -122,9 +130,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default 1e5)")
     p.add_argument("--prefetch-bucket-size", type=int, default=0,
                    help="deepspeed.stage3_prefetch_bucket_size (0 = no prefetch; project default 5e7)")
-    p.add_argument("--count-gathers", action="store_true",
-                   help="also count ZeRO-3 all-gathers per step for every point (a separate 3-step run per point "
-                        "through the Trainer class, with DeepSpeed's coordinator instrumented; not timed)")
+    p.add_argument("--paired", action="store_true",
+                   help="also run, per K, one job that alternates the switch step by step (warm-up, then --steps "
+                        "pairs) and counts ZeRO-3 all-gathers per step: an on/off comparison free of load drift")
+    p.add_argument("--skip-sweep", action="store_true",
+                   help="run only --paired / --hf-trainer-baseline (no CLI jobs per (K, switch) point)")
     p.add_argument("--hf-trainer-baseline", action="store_true",
                    help="also train the same backbone on the same data with transformers.Trainer + ZeRO-3 (K=0)")
     p.add_argument("--skip-final-save", action="store_true",
@@ -137,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per job before it is killed")
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)  # internal: the HF Trainer job (torchrun)
-    p.add_argument("--count-worker", default=None, help=argparse.SUPPRESS)  # internal: all-gather counting job
+    p.add_argument("--paired-worker", default=None, help=argparse.SUPPRESS)  # internal: the paired job (torchrun)
     p.add_argument("--init-worker", default=None, help=argparse.SUPPRESS)  # internal: writes the 3B-shaped init
     args = p.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
@@ -362,44 +372,80 @@ def run_hf_baseline(args, work: Path, init_from: str, nproc: int) -> dict:
     return result
 
 
-def run_gather_count(args, work: Path, k: int, gather: str, init_from: str, nproc: int) -> dict:
-    """All-gathers per step for one point (3 steps; the last is the steady state, once DeepSpeed's trace is
-    recorded). Runs the project's Trainer class under torchrun with the same config, not the CLI, because it
-    instruments DeepSpeed's parameter coordinator in the worker process."""
+def run_paired(args, work: Path, k: int, init_from: str, nproc: int) -> dict:
+    """One job for K that alternates the switch step by step (off, on, on, off, ...) and counts all-gathers: a
+    paired comparison that machine-load drift between separate jobs cannot bias. It runs the project's Trainer class
+    under torchrun (same config as the CLI points), not the CLI, because it instruments DeepSpeed's coordinator."""
     from storms_dist.train.distributed import free_port
 
-    overrides = common_overrides(args, work) + point_overrides(k, gather)
-    overrides = [o for o in overrides if not o.startswith("name=")] + [f"name=count_k{k}_{gather}"]
+    overrides = common_overrides(args, work) + point_overrides(k, "off")
+    overrides = [o for o in overrides if not o.startswith("name=")] + [f"name=paired_k{k}"]
     cfg = load_run_config(overrides)
-    out_dir = cfg.run_dir / "count"
+    out_dir = cfg.run_dir / "paired"
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    spec = {"overrides": overrides, "init_from": init_from, "steps": 3, "out_dir": str(out_dir)}
+    spec = {"overrides": overrides, "init_from": init_from, "warmup": args.warmup, "pairs": args.steps,
+            "out_dir": str(out_dir)}
     (out_dir / "worker.json").write_text(json.dumps(spec, indent=2) + "\n")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", str(Path(__file__).resolve()), "--count-worker",
+               f"--master_port={free_port()}", str(Path(__file__).resolve()), "--paired-worker",
                str(out_dir / "worker.json")]
-    log_path = work / "logs" / f"count_k{k}_{gather}.log"
-    print(f"[latent_rollout] K={k} gather={gather}: counting all-gathers...", flush=True)
-    rc, tail = run_job(command, log_path, out_dir, steps=3, kill_after_last_step=False, timeout=args.timeout,
+    log_path = work / "logs" / f"paired_k{k}.log"
+    load_start, t0 = loadavg(), time.time()
+    print(f"[latent_rollout] K={k}: paired run (switch alternated per step, all-gathers counted)...", flush=True)
+    rc, tail = run_job(command, log_path, out_dir, steps=0, kill_after_last_step=False, timeout=args.timeout,
                        env=child_env())
     if rc != 0:
-        raise RuntimeError(f"gather count K={k} gather={gather}: exit code {rc}; last output:\n{tail}")
-    rows = json.loads((out_dir / "counts.json").read_text())
-    return {"k": k, "gather": gather, "per_step": rows, "steady": rows[-1]}
+        raise RuntimeError(f"paired run K={k}: exit code {rc}; last output:\n{tail}")
+    rows = json.loads((out_dir / "paired.json").read_text())
+    result = {"k": k, "wall_s": round(time.time() - t0, 1), "loadavg_start": load_start, "loadavg_end": loadavg(),
+              "log": str(log_path), "rows": rows}
+    for gather in ("off", "on"):
+        timed = [r for r in rows if r["gather"] == gather and not r["warmup"]]
+        result[gather] = {name: statistics.median(r[name] for r in timed)
+                          for name in ("step_s", "forward_s", "backward_s", "allgather_calls", "numel_gathered")}
+        result[gather].update(step_s_min=min(r["step_s"] for r in timed), step_s_max=max(r["step_s"] for r in timed))
+    result["ratio_on_off"] = result["on"]["step_s"] / result["off"]["step_s"]
+    print(f"[latent_rollout] K={k} paired: off {result['off']['step_s']:.3f} s, on {result['on']['step_s']:.3f} s "
+          f"(on/off {result['ratio_on_off']:.2f}); all-gathers/step off {result['off']['allgather_calls']:.0f}, "
+          f"on {result['on']['allgather_calls']:.0f}", flush=True)
+    return result
 
 
-def count_worker(spec_path: str) -> None:
-    """Train 3 Stage II steps through the project's Trainer with DeepSpeed's coordinator counting all-gathers."""
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+def _memoise_release_sets_per_mode(Coordinator, mode: list[str]) -> None:
+    """DeepSpeed memoises which parameters a module call releases (an lru_cache keyed by coordinator, module and
+    trace position, filled with the ds_persist flags of the first call), so a process that alternates the switch
+    would reuse the first setting's release sets. Re-key that memo by the current switch setting (``mode[0]``):
+    each setting gets its own, computed once, as in a job that keeps one setting."""
+    import functools
+
+    name = "_PartitionedParameterCoordinator__params_to_release"
+    fn = getattr(Coordinator, name, None)
+    memo = next((c for c in (fn, *(cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())))
+                 if hasattr(c, "cache_clear")), None)
+    if memo is None:
+        raise RuntimeError(f"this DeepSpeed has no memoised PartitionedParameterCoordinator.{name}: the paired run "
+                           "cannot switch settings step by step")
+    compute = memo.__wrapped__
+
+    @functools.lru_cache(maxsize=None)
+    def per_mode(self, submodule, step_id, setting):
+        return compute(self, submodule, step_id)
+
+    setattr(Coordinator, name, lambda self, submodule, step_id: per_mode(self, submodule, step_id, mode[0]))
+
+
+def paired_worker(spec_path: str) -> None:
+    """Warm-up steps, then pairs of Stage II steps with the switch off/on (ABBA order), all-gathers counted."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
 
     from storms_dist.train.trainer import Trainer, TrainJob
 
     name = "_PartitionedParameterCoordinator__all_gather_params"
-    if not hasattr(PartitionedParameterCoordinator, name):
+    if not hasattr(Coordinator, name):
         raise RuntimeError(f"this DeepSpeed has no PartitionedParameterCoordinator.{name}: cannot count all-gathers")
     counts = {"calls": 0, "params": 0, "numel": 0}
-    original = getattr(PartitionedParameterCoordinator, name)
+    original = getattr(Coordinator, name)
 
     def counting(self, params, forward):
         counts["calls"] += 1
@@ -407,21 +453,31 @@ def count_worker(spec_path: str) -> None:
         counts["numel"] += sum(p.ds_numel for p in params)
         return original(self, params, forward)
 
-    setattr(PartitionedParameterCoordinator, name, counting)
+    setattr(Coordinator, name, counting)
+    mode = ["off"]
+    _memoise_release_sets_per_mode(Coordinator, mode)
     spec = json.loads(Path(spec_path).read_text())
     cfg = load_run_config(spec["overrides"])
     out_dir = Path(spec["out_dir"])
     init_from = None if spec["init_from"] == "registry" else spec["init_from"]
-    trainer = Trainer(cfg, TrainJob(name="count", stage=2, stage_cfg=cfg.stage2, out_dir=out_dir / "job",
+    trainer = Trainer(cfg, TrainJob(name="paired", stage=2, stage_cfg=cfg.stage2, out_dir=out_dir / "job",
                                     init_from=init_from))
+    if trainer.engine.zero_optimization_stage() != 3:
+        raise RuntimeError("the paired run needs ZeRO-3")
+    schedule = [("off", True)] * spec["warmup"]
+    for i in range(spec["pairs"]):
+        schedule += [(g, False) for g in (("off", "on") if i % 2 == 0 else ("on", "off"))]
     batches, rows = iter(trainer.sampler), []
-    for step in range(spec["steps"]):
+    for step, (gather, warmup) in enumerate(schedule, 1):
+        trainer.model.gather_latent_passes = gather == "on"
+        mode[0] = gather
         counts.update(calls=0, params=0, numel=0)
         metrics = trainer.train_step(batches)
-        rows.append({"step": step + 1, "allgather_calls": counts["calls"], "params_gathered": counts["params"],
-                     "numel_gathered": counts["numel"], "loss": metrics["loss"]})
+        rows.append({"step": step, "gather": gather, "warmup": warmup, "allgather_calls": counts["calls"],
+                     "params_gathered": counts["params"], "numel_gathered": counts["numel"],
+                     **{key: metrics[key] for key in ("step_s", "forward_s", "backward_s", "loss")}})
     if trainer.dist.is_main:
-        (out_dir / "counts.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out_dir / "paired.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 # ---- the HF Trainer worker (runs under torchrun) ----
@@ -553,7 +609,7 @@ def table(results: list[dict], hf: dict | None, counts: list[dict] = ()) -> str:
               "on: fwd / bwd s", "tokens/s off / on", "TFLOP/s/dev off / on"]
     if gpu:
         header.append("MFU off / on")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] if results else []
 
     def cell(r):
         return "–" if r is None else f"{fmt(r['step_s'])} ({fmt(r['step_s_min'])}..{fmt(r['step_s_max'])})"
@@ -570,14 +626,15 @@ def table(results: list[dict], hf: dict | None, counts: list[dict] = ()) -> str:
             row.append(f"{fmt(off and off.get('mfu'), 3)} / {fmt(on and on.get('mfu'), 3)}")
         lines.append("| " + " | ".join(row) + " |")
     if counts:
-        by_count = {(c["k"], c["gather"]): c["steady"] for c in counts}
-        lines += ["", "| K | all-gather calls / step off | on | parameters gathered / step (M elements) off | on |",
-                  "|---|---|---|---|---|"]
-        for k in sorted({c["k"] for c in counts}):
-            off, on = by_count.get((k, "off")), by_count.get((k, "on"))
-            calls = [str(c["allgather_calls"]) if c else "–" for c in (off, on)]
-            numel = [fmt(c and c["numel_gathered"] / 1e6, 1) for c in (off, on)]
-            lines.append(f"| {k} | {calls[0]} | {calls[1]} | {numel[0]} | {numel[1]} |")
+        lines += ["", "| K (paired: one job, switch alternated per step) | off: step s (min..max) "
+                  "| on: step s (min..max) | on/off | all-gathers / step off / on "
+                  "| gathered M elements / step off / on |",
+                  "|---|---|---|---|---|---|"]
+        for c in sorted(counts, key=lambda c: c["k"]):
+            off, on = c["off"], c["on"]
+            lines.append(f"| {c['k']} | {cell(off)} | {cell(on)} | {c['ratio_on_off']:.2f} "
+                         f"| {off['allgather_calls']:.0f} / {on['allgather_calls']:.0f} "
+                         f"| {off['numel_gathered'] / 1e6:.1f} / {on['numel_gathered'] / 1e6:.1f} |")
     if hf is not None:
         lines += ["", "| trainer (K=0, same model, data, ZeRO-3 config) | step s (min..max) | tokens/s | TFLOP/s/dev"
                   + (" | MFU |" if gpu else " |"), "|---|---|---|---|" + ("---|" if gpu else "")]
@@ -596,8 +653,8 @@ def main(argv=None) -> int:
     if args.hf_worker:
         hf_worker(args.hf_worker)
         return 0
-    if args.count_worker:
-        count_worker(args.count_worker)
+    if args.paired_worker:
+        paired_worker(args.paired_worker)
         return 0
     if args.init_worker:
         init_worker(args.backbone, Path(args.init_worker))
@@ -632,7 +689,7 @@ def main(argv=None) -> int:
         meta["init_from"] = init_from
 
     results, hf, counts = [], None, []
-    for i, k in enumerate(args.ks):
+    for i, k in enumerate([] if args.skip_sweep else args.ks):
         order = gathers if i % 2 == 0 else gathers[::-1]  # interleave: alternate which setting runs first
         for gather in order:
             results.append(run_point(args, work, k, gather, init_from, nproc))
@@ -640,11 +697,10 @@ def main(argv=None) -> int:
     if args.hf_trainer_baseline:
         hf = run_hf_baseline(args, work, init_from, nproc)
         save(out, meta, results, hf, counts)
-    if args.count_gathers:
+    if args.paired:
         for k in args.ks:
-            for gather in gathers:
-                counts.append(run_gather_count(args, work, k, gather, init_from, nproc))
-                save(out, meta, results, hf, counts)
+            counts.append(run_paired(args, work, k, init_from, nproc))
+            save(out, meta, results, hf, counts)
     meta["loadavg_end"] = loadavg()
     meta["wall_min"] = round((time.time() - started) / 60, 1)
     save(out, meta, results, hf, counts)
@@ -659,7 +715,7 @@ def main(argv=None) -> int:
 
 def save(out: Path, meta: dict, results: list[dict], hf: dict | None, counts: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "points": results, "hf_trainer": hf, "gather_counts": counts},
+    out.write_text(json.dumps({"meta": meta, "points": results, "hf_trainer": hf, "paired": counts},
                               indent=2) + "\n")
 
 
