@@ -23,6 +23,10 @@ from storms_dist.train.signals import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.distributed
 STEPS = 8
+# ZeRO-3 gathers every module's parameters at each call (no resident, prefetched or reused parameters): otherwise the
+# micro model is gathered once per step and gather_latent_passes changes nothing (docs/benchmarks.md)
+PER_MODULE_GATHERS = {"deepspeed.stage3_param_persistence_threshold": "0", "deepspeed.stage3_prefetch_bucket_size": "0",
+                      "deepspeed.stage3_max_reuse_distance": "0"}
 
 
 def start_train(tmp: Path, cfg, *extra: str, stage: int = 2) -> subprocess.Popen:
@@ -84,7 +88,7 @@ def reference(tmp_path_factory, tiny_synth_root):
     tmp = tmp_path_factory.mktemp("reference")
     cfg = tiny_run_config(tmp, tiny_synth_root, name="reference", **{
         "stage2.num_steps": str(STEPS), "checkpoint.every_steps": "2", "deepspeed.gather_latent_passes": "false",
-        "deepspeed.stage3_param_persistence_threshold": "0"})
+        **PER_MODULE_GATHERS})
     rc, output = finish(start_train(tmp, cfg, "--nproc", "2"))
     assert rc == 0, output[-3000:]
     return tmp, cfg.run_dir / "stage2"
@@ -105,7 +109,7 @@ def test_kill_9_then_resume_is_exact(tmp_path, tiny_synth_root, reference):
     uninterrupted run. This run also keeps the decoder gathered across the latent passes: same numbers."""
     cfg = tiny_run_config(tmp_path, tiny_synth_root, name="killed", **{
         "stage2.num_steps": str(STEPS), "checkpoint.every_steps": "2", "deepspeed.gather_latent_passes": "true",
-        "deepspeed.stage3_param_persistence_threshold": "0"})
+        **PER_MODULE_GATHERS})
     job_dir = cfg.run_dir / "stage2"
     kill_at = random.Random(os.getpid()).randint(3, STEPS - 1)
     process = start_train(tmp_path, cfg, "--nproc", "2")
