@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from storms_dist.config import replace
 from storms_dist.data.dataset import DataConfig, LatentCollator, VideoQADataset, predicted_letter
 from storms_dist.data.manifest import read_manifest
 from storms_dist.data.preprocess import VisionSpec
@@ -80,11 +80,11 @@ def evaluate_benchmark(export_dir: str | Path, benchmark: str, data_root: str | 
         except VideoDecodeError as e:
             unreadable.append(str(e))
     samples = [s for s in samples if not any(str(s.video_path) in u for u in unreadable)]
-    bench_data_cfg = replace_config(data_cfg, frames=FrameSamplingConfig(
+    bench_data_cfg = replace(data_cfg, frames=FrameSamplingConfig(
         fps=None, num_frames=cfg.benchmark_num_frames, min_frames=4, max_frames=cfg.benchmark_num_frames),
         min_pixels=cfg.benchmark_min_pixels, max_pixels=cfg.benchmark_max_pixels, answer_format="letter",
         prompt="verbatim", cache_decoded=False)
-    bench_cfg = replace_config(cfg, max_new_tokens=cfg.benchmark_max_new_tokens)
+    bench_cfg = replace(cfg, max_new_tokens=cfg.benchmark_max_new_tokens)
     model, tokenizer, settings = load_exported(export_dir)
     records, num_latents, latency_ms = generate_answers(model, tokenizer, settings, samples, bench_data_cfg,
                                                         bench_cfg, desc=f"eval {benchmark}", progress=progress)
@@ -105,10 +105,6 @@ def write_outputs(out_dir: Path, records: list[dict], metrics: dict) -> None:
         for record in records:
             f.write(json.dumps(record) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def replace_config(cfg, **changes):
-    return dataclasses.replace(cfg, **changes)
 
 
 @torch.no_grad()
