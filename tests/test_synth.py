@@ -23,11 +23,14 @@ from storms_dist.data.synth import (
     VARIANTS,
     Scene,
     SynthConfig,
+    background_image,
     balanced_pick,
+    canonical_order,
     direction_of,
     generate,
     quadrant_margin,
     quadrant_of,
+    render,
     sample_scene,
     sample_world,
     simulate,
@@ -295,21 +298,68 @@ def test_perception_manifests(dataset: tuple[SynthConfig, Path]) -> None:
             assert sorted(colour_parts.values()) == [2, 2], sample.options
 
 
-def test_answer_letters_and_targets_are_balanced(dataset: tuple[SynthConfig, Path]) -> None:
-    _, out_dir = dataset
-    for name in ("train", "perception_train"):
-        letters_by_group: dict[tuple, Counter] = defaultdict(Counter)
-        for sample in read_manifest(out_dir / f"{name}.jsonl"):
+def _assert_letters_balanced(samples, groups_of) -> None:
+    letters_by_group: dict[tuple, Counter] = defaultdict(Counter)
+    for sample in samples:
+        if groups_of(sample):
             letters_by_group[(sample.qtype, sample.meta["variant"], len(sample.options))][sample.answer] += 1
-        for group, counts in letters_by_group.items():
-            num_options = group[2]
-            full = [counts.get(chr(ord("A") + i), 0) for i in range(num_options)]
-            assert max(full) - min(full) <= 1, (name, group, counts)
-    four_option = Counter(s.answer for s in read_manifest(out_dir / "perception_train.jsonl") if len(s.options) == 4)
+    assert letters_by_group
+    for group, counts in letters_by_group.items():
+        full = [counts.get(chr(ord("A") + i), 0) for i in range(group[2])]
+        assert max(full) - min(full) <= 1, (group, counts)
+
+
+def test_canonical_option_order(dataset: tuple[SynthConfig, Path]) -> None:
+    """The default: fixed-vocabulary options in vocabulary order (a letter names a value), free text balanced."""
+    cfg, out_dir = dataset
+    assert cfg.option_order == "canonical"
+    for name in ("train", "perception_train"):
+        samples = read_manifest(out_dir / f"{name}.jsonl")
+        for sample in samples:
+            order = canonical_order(sample.options)
+            assert order is None or order == list(range(len(sample.options))), sample.options
+        assert any(canonical_order(s.options) is not None for s in samples)
+        _assert_letters_balanced(samples, lambda s: canonical_order(s.options) is None)
+    walls = [s for s in read_manifest(out_dir / "train.jsonl") if s.meta["variant"] == "next_wall"]
+    assert walls and all(s.options == ("left", "right", "top", "bottom") for s in walls)
+    assert canonical_order(["3", "10", "2"]) == [2, 0, 1] and canonical_order(["blue", "red"]) == [1, 0]
+    assert canonical_order(["a red ball", "blue"]) is None
+
+
+def test_shuffled_option_order_balances_every_letter(tmp_path: Path) -> None:
+    cfg = SynthConfig(**SMALL, option_order="shuffled", workers=1)
+    generate(cfg, tmp_path)
+    for name in ("train", "perception_train"):
+        _assert_letters_balanced(read_manifest(tmp_path / f"{name}.jsonl"), lambda s: True)
+    four_option = Counter(s.answer for s in read_manifest(tmp_path / "perception_train.jsonl") if len(s.options) == 4)
     assert max(four_option.values()) - min(four_option.values()) <= 3 and set(four_option) == set("ABCD")
+
+
+def test_targets_are_balanced(dataset: tuple[SynthConfig, Path]) -> None:
+    _, out_dir = dataset
     train = read_manifest(out_dir / "train.jsonl")
     bounces = Counter(s.answer_text for s in train if s.meta["variant"] == "wall_bounces")
     assert max(bounces.values()) - min(bounces.values()) <= 1 and len(bounces) >= 2
+    walls = Counter(s.answer_text for s in train if s.meta["variant"] == "next_wall")
+    assert max(walls.values()) - min(walls.values()) <= 1 and len(walls) >= 2
+
+
+def test_background_encodes_position() -> None:
+    """Red grows to the right, blue downwards: a patch's content says where it is (balls stay far brighter)."""
+    image = background_image(56).astype(int)
+    assert image[0, -1, 0] - image[0, 0, 0] >= 50 and image[-1, 0, 2] - image[0, 0, 2] >= 50
+    assert (image[:, :, 1] == image[0, 0, 1]).all() and image.max() < 100
+    cfg = SynthConfig(num_train=1, num_val=0, num_test=0, size=56)
+    world, _ = sample_world(np.random.default_rng(0), cfg, "num_balls", 1)
+    frame = render(world.scene, world.trajectory, [0.0])[0].astype(int)
+    far = np.ones((56, 56), dtype=bool)
+    for x, y in world.trajectory.state_at([0.0])[0][0]:
+        yy, xx = np.mgrid[:56, :56]
+        far &= (xx - x) ** 2 + (yy - y) ** 2 > (world.scene.radius + 4) ** 2
+    if world.scene.occluder is not None:
+        x0, y0, x1, y1 = world.scene.occluder
+        far[y0:y1, x0:x1] = False
+    assert far.sum() > 1000 and (frame[far] == image[far]).all()
 
 
 def test_questions_need_the_dynamics(dataset: tuple[SynthConfig, Path]) -> None:

@@ -36,7 +36,8 @@ class DataConfig:
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 112 * 112
     cache_decoded: bool = True
-    """Keep preprocessed videos and prompts in memory (small synthetic sets: epochs after the first skip decoding)."""
+    """Keep preprocessed videos and prompts in memory (small synthetic sets: epochs after the first skip decoding, and
+    later jobs of the same process -- the demo's stages, baselines and evals -- reuse the decoded videos)."""
     prompt: Literal["storms", "verbatim"] = "storms"
     """storms: question + lettered options + instruction; verbatim: the sample's ``meta.prompt`` as the user text
     (public benchmarks: lmms-eval's exact prompt, options included)."""
@@ -114,6 +115,21 @@ class Item:
     video: VideoInputs
 
 
+# Preprocessed videos shared by the datasets of one process (``cache_decoded``), keyed by the decoding/preprocessing
+# settings and the file's identity (path, clip, size, mtime): the demo's jobs read the same small videos many times.
+_PROCESS_VIDEO_CACHE: dict[tuple, VideoInputs] = {}
+
+
+def _process_cache_key(path: Path, start_s: float | None, end_s: float | None, spec: VisionSpec,
+                       cfg: DataConfig) -> tuple | None:
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None  # unreadable: decoding raises its own error
+    return (str(Path(path).resolve()), start_s, end_s, stat.st_size, stat.st_mtime_ns, repr(spec), repr(cfg.frames),
+            cfg.min_pixels, cfg.max_pixels, cfg.decoder)
+
+
 class VideoQADataset(torch.utils.data.Dataset):
     def __init__(self, samples: Sequence[Sample], tokenizer, spec: VisionSpec, cfg: DataConfig):
         self.samples = list(samples)
@@ -134,7 +150,13 @@ class VideoQADataset(torch.utils.data.Dataset):
         # a clip of a video is its own cache entry; whole videos stay keyed by path (what preload fills)
         key = path if start_s is None and end_s is None else (path, start_s, end_s)
         if key not in self._video_cache:
-            self._video_cache[key] = load_video_inputs(path, self.spec, self.cfg, start_s=start_s, end_s=end_s)
+            shared_key = _process_cache_key(path, start_s, end_s, self.spec, self.cfg)
+            video = _PROCESS_VIDEO_CACHE.get(shared_key) if shared_key is not None else None
+            if video is None:
+                video = load_video_inputs(path, self.spec, self.cfg, start_s=start_s, end_s=end_s)
+                if shared_key is not None:
+                    _PROCESS_VIDEO_CACHE[shared_key] = video
+            self._video_cache[key] = video
         return self._video_cache[key]
 
     def preload(self, indices: Sequence[int] | None = None, *, rank: int = 0, world_size: int = 1,
@@ -153,8 +175,11 @@ class VideoQADataset(torch.utils.data.Dataset):
         num_cached = 0
         for video in loader:
             if video.error is None:
-                self._video_cache[video.path] = video_inputs_from_frames(video.frames, video.indices, video.info,
-                                                                         self.spec, self.cfg)
+                inputs = video_inputs_from_frames(video.frames, video.indices, video.info, self.spec, self.cfg)
+                self._video_cache[video.path] = inputs
+                shared_key = _process_cache_key(video.path, None, None, self.spec, self.cfg)
+                if shared_key is not None:
+                    _PROCESS_VIDEO_CACHE[shared_key] = inputs
                 num_cached += 1
         return num_cached
 

@@ -37,7 +37,7 @@ from storms_dist.config import to_dict
 from storms_dist.data.manifest import Sample, letter, write_manifest
 from storms_dist.data.video_io import SUFFIX_BY_CODEC, write_video
 
-GENERATOR_VERSION = 1  # bump when the content for a given config changes; invalidates existing stamps
+GENERATOR_VERSION = 2  # bump when the content for a given config changes; invalidates existing stamps
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -47,7 +47,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "purple": (160, 60, 220),
     "cyan": (40, 220, 230),
 }
-BACKGROUND_RGB = (24, 24, 24)
+BACKGROUND_RGB = (40, 24, 40)  # the background's centre colour; see background_image
 OCCLUDER_RGB = (128, 128, 128)
 MARK_RGB = (255, 255, 255)
 
@@ -99,6 +99,12 @@ class SynthConfig:
     max_balls: int = 3
     ball_collisions: bool = True
     occluder_prob: float = 0.3
+    # canonical: options drawn from a fixed vocabulary (colours, walls, quadrants, directions, counts) are listed in
+    # that vocabulary's order, so an answer letter names a value, not a position in a per-item shuffle; free-text
+    # options (event descriptions, captions) are still placed at balanced positions. A backbone trained from scratch
+    # cannot learn the option-matching indirection in the demo's budget (docs/results.md, run 1). shuffled: every
+    # question's correct option at a balanced position, the usual MC-benchmark layout.
+    option_order: Literal["canonical", "shuffled"] = "canonical"
     workers: int = 2  # processes; does not change the output
 
     def __post_init__(self) -> None:
@@ -126,6 +132,8 @@ class SynthConfig:
             raise ValueError(f"max_balls: expected 2..4 (order/speed questions need 2 balls), got {self.max_balls}")
         if not 0.0 <= self.occluder_prob <= 1.0:
             raise ValueError(f"occluder_prob: expected a probability in [0, 1], got {self.occluder_prob}")
+        if self.option_order not in ("canonical", "shuffled"):
+            raise ValueError(f"option_order: expected 'canonical' or 'shuffled', got {self.option_order!r}")
         if self.workers < 1:
             raise ValueError(f"workers: expected >= 1, got {self.workers}")
 
@@ -372,13 +380,28 @@ def _paint_annulus(frame: np.ndarray, centre: Sequence[float], outer: float, col
     frame[row0:row1, col0:col1][mask] = colour
 
 
+def background_image(size: int) -> np.ndarray:
+    """``[size, size, 3]`` uint8: a dim gradient, red growing to the right and blue downwards.
+
+    A real scene has landmarks; a uniform floor has none, and Qwen2.5-VL's vision tower (rotary positions only, no
+    absolute embedding) then cannot tell where an object is from its patch alone, nor can a mean-pooled thought-video
+    target. The gradient puts the position into every patch's content. Balls and marks are far brighter.
+    """
+    ramp = np.linspace(-1.0, 1.0, size)
+    image = np.empty((size, size, 3), dtype=np.float64)
+    image[:] = BACKGROUND_RGB
+    image[..., 0] += 32.0 * ramp[None, :]
+    image[..., 2] += 32.0 * ramp[:, None]
+    return np.round(image).astype(np.uint8)
+
+
 def render(scene: Scene, trajectory: Trajectory, times: Sequence[float], spec: ThoughtSpec | None = None) -> np.ndarray:
     """Frames ``[len(times), size, size, 3]`` uint8 RGB: background, trails, balls, occluder, then marks on top."""
     radius = scene.radius
     positions, _ = trajectory.state_at(times)
     colours = np.array([PALETTE[c] for c in scene.colours], dtype=np.uint8)
     frames = np.empty((len(times), scene.size, scene.size, 3), dtype=np.uint8)
-    frames[:] = BACKGROUND_RGB
+    frames[:] = background_image(scene.size)
     rings_by_frame: dict[int, list[tuple[int, int]]] = {}
     for frame_index, ball, extra in (spec.rings if spec else ()):
         rings_by_frame.setdefault(frame_index, []).append((ball, extra))
@@ -405,10 +428,11 @@ def _draw_trail(frame: np.ndarray, trajectory: Trajectory, ball: int, t: float, 
     past_times = [t - 0.5 * k for k in range(6, 0, -1) if t - 0.5 * k >= 0]
     if not past_times:
         return
-    background = np.array(BACKGROUND_RGB, dtype=np.float64)
+    background = background_image(frame.shape[0]).astype(np.float64)
     for k, position in enumerate(trajectory.state_at(past_times)[0][:, ball]):
+        row, col = (min(max(int(c), 0), frame.shape[0] - 1) for c in (position[1], position[0]))
         strength = 0.25 + 0.5 * (k + 1) / len(past_times)
-        faded = np.round(background + strength * (colour - background)).astype(np.uint8)
+        faded = np.round(background[row, col] + strength * (colour - background[row, col])).astype(np.uint8)
         _paint_annulus(frame, position, 0.45 * radius, faded)
 
 
@@ -894,14 +918,32 @@ def _make_video_task(task: tuple[SynthConfig, str, int, Path]) -> _VideoResult:
 # ----------------------------------------------------------------------------------------------------- letters
 
 
-class _LetterBalancer:
-    """Puts the correct option at balanced positions: per (question kind, #options), in video order."""
+# Rank of every fixed-vocabulary option value; counts ("0".."4") rank by their number.
+_VOCABULARY_RANK = {name: rank for vocabulary in (tuple(PALETTE), WALLS, QUADRANTS, DIRECTIONS)
+                    for rank, name in enumerate(vocabulary)}
 
-    def __init__(self, seed: int, split: str):
-        self.seed, self.split = seed, split
+
+def canonical_order(options: Sequence[str]) -> list[int] | None:
+    """Indices that list ``options`` in their vocabulary's order, or None for free-text options."""
+    if all(o.isdigit() for o in options):
+        return sorted(range(len(options)), key=lambda i: int(options[i]))
+    if all(o in _VOCABULARY_RANK for o in options):
+        return sorted(range(len(options)), key=lambda i: _VOCABULARY_RANK[options[i]])
+    return None
+
+
+class _LetterBalancer:
+    """Orders the options: canonically where ``option_order`` says so and the options allow it, else with the correct
+    option at balanced positions per (question kind, #options), in video order."""
+
+    def __init__(self, seed: int, split: str, option_order: str):
+        self.seed, self.split, self.option_order = seed, split, option_order
         self.counts: Counter[str] = Counter()
 
     def arrange(self, plan: QuestionPlan, kind: str, shuffle_rng: np.random.Generator) -> tuple[tuple[str, ...], str]:
+        order = canonical_order(plan.options) if self.option_order == "canonical" else None
+        if order is not None:
+            return tuple(plan.options[i] for i in order), letter(order.index(plan.correct))
         num_options = len(plan.options)
         key = f"letters/{kind}/{num_options}"
         slot = balanced_pick(range(num_options), self.counts[key], seed=self.seed, split=self.split, key=key)
@@ -914,7 +956,8 @@ class _LetterBalancer:
 
 def _samples_for_split(cfg: SynthConfig, split: str, results: list[_VideoResult], out_dir: Path,
                        ) -> tuple[list[Sample], list[Sample]]:
-    main_letters, perception_letters = _LetterBalancer(cfg.seed, split), _LetterBalancer(cfg.seed, split)
+    main_letters = _LetterBalancer(cfg.seed, split, cfg.option_order)
+    perception_letters = _LetterBalancer(cfg.seed, split, cfg.option_order)
     samples, perception = [], []
     for result in sorted(results, key=lambda r: r.index):
         uid = f"synth-{split}-{result.index:06d}"

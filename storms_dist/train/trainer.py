@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,6 +38,10 @@ from storms_dist.train.distributed import all_reduce_max, barrier, init_distribu
 from storms_dist.train.flops import FlopsModel, peak_flops_per_device
 from storms_dist.train.optim import lr_multiplier
 from storms_dist.train.signals import PreemptionFlag, Preempted
+
+# DeepSpeed 0.19.8 calls torch's deprecated reduce_scatter_tensor on every step and torch warns on every call (its
+# c10d wrapper defeats the once-per-location rule), which buries the progress bar and the logs.
+warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
 
 @dataclass(kw_only=True)
