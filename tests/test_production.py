@@ -165,6 +165,31 @@ def test_resume_with_another_world_size_stops_with_an_explanation(tmp_path, refe
     assert "saved with world size 2, this run has 1" in result.stdout + result.stderr
 
 
+def test_resume_with_another_config_stops_with_the_changed_keys(reference):
+    """Re-running a finished job's folder with other data/optimiser settings must not splice the two runs."""
+    _, reference_dir = reference
+    result = subprocess.run(
+        [sys.executable, "-m", "storms_dist", "train", str(reference_dir / "config.yaml"), "--stage", "2",
+         "--nproc", "1", "--init-from", "registry", "optim.weight_decay=0.5", "tracking.enabled=false",
+         f"stage2.num_steps={STEPS + 2}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "was trained with a different config (optim.weight_decay)" in output, output[-2000:]
+    assert (reference_dir / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:06d}"
+
+
+def test_config_changes_ignores_what_a_resumption_may_change():
+    from storms_dist.train.trainer import config_changes
+
+    saved = {"optim": {"lr": 1e-3}, "stage2": {"num_steps": 10}, "checkpoint": {"every_steps": 5}, "nproc": 2,
+             "data": {"root": "a"}}
+    current = {"optim": {"lr": 1e-3}, "stage2": {"num_steps": 20}, "checkpoint": {"every_steps": 1}, "nproc": 1,
+               "data": {"root": "b"}, "model": {"num_latents": 4}}
+    assert config_changes(saved, current) == ["data.root", "model.num_latents"]
+    assert config_changes(saved, saved) == []
+
+
 def test_export_of_a_bare_zero3_checkpoint_has_the_engine_logits(tmp_path, reference):
     _, reference_dir = reference
     out = tmp_path / "export"

@@ -86,8 +86,10 @@ def _tiny(family: Family, size: str, *, hidden: int, num_layers: int, vision_dep
                   out_hidden_size=hidden, temporal_patch_size=2, spatial_merge_size=2)
     if family == "qwen2_5_vl":  # mrope sections (t, h, w) sum to head_dim / 2
         text = _tiny_text(hidden, num_layers, [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16])
+        # temporal rope units per second: the real checkpoints' 2 suits ~2 fps sampling; the demo's clips are 8 fps
+        # (0.25 s per temporal patch), where 2 gives two consecutive temporal patches the same position
         vision.update(patch_size=14, window_size=56, fullatt_block_indexes=list(range(1, vision_depth, 2)),
-                      tokens_per_second=2)
+                      tokens_per_second=8)
         keys = dict(vision_keys=_QWEN25_VISION, merger_keys=_QWEN25_MERGER)
     else:
         text = _tiny_text(hidden, num_layers, [head_dim // 4, head_dim // 8, head_dim // 8], mrope_interleaved=True)

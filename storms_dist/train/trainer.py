@@ -43,6 +43,18 @@ from storms_dist.train.signals import PreemptionFlag, Preempted
 # c10d wrapper defeats the once-per-location rule), which buries the progress bar and the logs.
 warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
+# What may change between a run and its resumption: where and how it is checkpointed, tracked, evaluated and launched,
+# and how long it trains. Any other change (data, model, optimiser, ZeRO) would silently splice two experiments.
+RESUMABLE_CHANGES = ("checkpoint.", "robustness.", "tracking.", "eval.", "demo.", "launcher", "nproc", "runs_dir", "name")
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (nested dicts), except what a resumption may
+    change (``RESUMABLE_CHANGES`` and every ``*.num_steps``)."""
+    saved, current = flatten(saved), flatten(current)
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
+                  and not k.startswith(RESUMABLE_CHANGES) and not k.endswith(".num_steps"))
+
 
 @dataclass(kw_only=True)
 class StageConfig:
@@ -177,6 +189,7 @@ class Trainer:
         tag = self.checkpoints.latest_tag()
         if tag is None:
             return None
+        self._check_resumable_config(tag)
         state = self.checkpoints.load(self.engine, tag)
         self.step, self.mlflow_run_id = state["step"], state["mlflow_run_id"]
         self.sampler.load_state_dict(state["sampler"])
@@ -186,6 +199,21 @@ class Trainer:
         if self.dist.is_main:
             print(f"[{self.job.name}] resumed from {self.checkpoints.directory / tag} at step {self.step}", flush=True)
         return tag
+
+    def _check_resumable_config(self, tag: str) -> None:
+        """The config the checkpointed run wrote (``OUT/config.yaml``) must match this one outside RESUMABLE_CHANGES."""
+        import yaml
+
+        saved_path = self.job.out_dir / "config.yaml"
+        if not saved_path.is_file():
+            return  # a checkpoint copied without its run folder: nothing to compare against
+        current = yaml.safe_load(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        changes = config_changes(yaml.safe_load(saved_path.read_text()) or {}, current)
+        if changes:
+            shown = ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
+            raise ValueError(f"{self.job.out_dir}: its checkpoint {tag} was trained with a different config ({shown}); "
+                             "resuming would splice two runs: delete that folder, use another run name, or set "
+                             "checkpoint.resume=false")
 
     def save_checkpoint(self) -> Path:
         state = {"sampler": self.sampler.state_dict(), "mlflow_run_id": self.mlflow_run_id,
