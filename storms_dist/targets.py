@@ -11,7 +11,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,10 +32,17 @@ class TargetsConfig:
     """Samples per safetensors shard."""
     batch_size: int = 8
     """Thought videos encoded per vision-tower call."""
+    normalize: Literal["none", "standardize"] = "none"
+    """How Stage I sees the cached (raw, pooled) targets. ``standardize``: per (slot, feature), minus the mean and over
+    the standard deviation across the cache's samples, so the alignment regresses what differs between thought
+    videos. Pooled tokens of a small tower can share a large constant part that then dominates an MSE (the demo:
+    across-sample variance 0.0003 against a mean square of 0.59; docs/results.md)."""
 
     def __post_init__(self):
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError(f"targets: shard_size and batch_size must be >= 1, got {self.shard_size}, {self.batch_size}")
+        if self.normalize not in ("none", "standardize"):
+            raise ValueError(f"normalize: expected 'none' or 'standardize', got {self.normalize!r}")
 
 
 def vision_fingerprint(model: STORMSModel) -> str:
@@ -56,14 +63,19 @@ def target_stamp(model: STORMSModel, num_latents: int, data_cfg: DataConfig, sam
 
 
 class TargetStore:
-    """Read-only view of a target cache: ``store[uids] -> [B, K, D]``."""
+    """Read-only view of a target cache: ``store[uids] -> [B, K, D]``, raw or standardised (``TargetsConfig.normalize``)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, normalize: str = "none"):
         self.directory = Path(directory)
         self.stamp = json.loads((self.directory / STAMP_FILE).read_text())
         self._targets: dict[str, torch.Tensor] = {}
         for shard in sorted(self.directory.glob("shard-*.safetensors")):
             self._targets.update(load_file(shard))
+        if normalize == "standardize":
+            mean_KD, std_KD = standardization(torch.stack(list(self._targets.values())))
+            self._targets = {uid: (t - mean_KD) / std_KD for uid, t in self._targets.items()}
+        elif normalize != "none":
+            raise ValueError(f"normalize: expected 'none' or 'standardize', got {normalize!r}")
 
     def __len__(self) -> int:
         return len(self._targets)
@@ -73,6 +85,13 @@ class TargetStore:
         if missing:
             raise KeyError(f"{self.directory}: no thought-video targets for {missing[:3]} (rebuild with storms targets)")
         return torch.stack([self._targets[u] for u in uids])
+
+
+def standardization(targets_NKD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (slot, feature) mean and standard deviation over samples; a constant feature keeps its scale (std 1)."""
+    mean_KD = targets_NKD.float().mean(dim=0)
+    std_KD = targets_NKD.float().std(dim=0) if len(targets_NKD) > 1 else torch.ones_like(mean_KD)
+    return mean_KD, torch.where(std_KD > 1e-8, std_KD, torch.ones_like(std_KD))
 
 
 def is_current(directory: Path, stamp: dict) -> bool:

@@ -276,3 +276,17 @@ def test_k_larger_than_visual_tokens_raises(tmp_path, model, spec, few):
     with pytest.raises(ValueError, match=f"cannot pool {TOKENS_PER_VIDEO} visual tokens into 17 groups"):
         build_targets(model, few[:1], spec, data_cfg(), tmp_path / "targets", num_latents=17)
     assert not (tmp_path / "targets" / STAMP_FILE).exists()
+
+
+def test_standardized_store_centres_and_scales_every_slot_feature(few, cache):
+    raw_store, std_store = TargetStore(cache), TargetStore(cache, normalize="standardize")
+    uids = sorted(raw_store._targets)
+    raw, standardized = raw_store[uids], std_store[uids]
+    assert len(uids) >= 2 and standardized.shape == raw.shape
+    torch.testing.assert_close(standardized.mean(0), torch.zeros_like(raw[0]), atol=1e-5, rtol=0)
+    varying = raw.std(0) > 1e-6
+    torch.testing.assert_close(standardized.std(0)[varying], torch.ones_like(raw[0])[varying], atol=1e-4, rtol=0)
+    expected = (raw - raw.mean(0)) / torch.where(raw.std(0) > 1e-8, raw.std(0), torch.ones_like(raw[0]))
+    torch.testing.assert_close(standardized, expected)
+    with pytest.raises(ValueError, match="normalize"):
+        TargetStore(cache, normalize="zscore")

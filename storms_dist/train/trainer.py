@@ -238,7 +238,7 @@ class Trainer:
             build_targets(self.model, self.dataset.samples, self.spec, self.cfg.data, self.job.targets_dir,
                           num_latents=self.num_latents, cfg=self.cfg.targets, progress=True)
         barrier()
-        return TargetStore(self.job.targets_dir)
+        return TargetStore(self.job.targets_dir, normalize=self.cfg.targets.normalize)
 
     def close(self) -> None:
         """Release the engine (the pipeline trains several jobs in one process)."""
