@@ -1,7 +1,7 @@
 """Thought-video targets: frozen vision encoder + merger -> K pooled targets per sample, in a stamped safetensors cache.
 
 The cache is keyed by sample uid and stamped with everything that determines its content (fingerprint of the vision
-and merger weights, K, frame sampling and pixel budget, backbone). A cache whose stamp differs is stale and rebuilt.
+and merger weights, K, frame sampling and pixel budget, decoder, backbone). A cache whose stamp differs is stale and rebuilt.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def target_stamp(model: STORMSModel, num_latents: int, data_cfg: DataConfig, sam
     uids = hashlib.sha256("\n".join(s.uid for s in samples).encode()).hexdigest()[:16]
     return {"vision_fingerprint": vision_fingerprint(model), "backbone": model.spec.name, "num_latents": num_latents,
             "frames": to_dict(data_cfg.frames), "min_pixels": data_cfg.min_pixels,
-            "max_pixels": data_cfg.max_pixels, "uids": uids, "num_samples": len(samples)}
+            "max_pixels": data_cfg.max_pixels, "uids": uids, "num_samples": len(samples),
+            # DALI's RGB differs from PyAV's within a tolerance (storms_dist/data/dali.py): a different pixel source
+            "decoder": data_cfg.decoder}
 
 
 class TargetStore:

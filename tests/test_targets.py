@@ -290,3 +290,13 @@ def test_standardized_store_centres_and_scales_every_slot_feature(few, cache):
     torch.testing.assert_close(standardized, expected)
     with pytest.raises(ValueError, match="normalize"):
         TargetStore(cache, normalize="zscore")
+
+
+def test_changing_the_decoder_rebuilds(model, spec, few, cache, monkeypatch):
+    """PyAV and DALI RGB differ within a tolerance: targets from one are stale for the other."""
+    cfg = dataclasses.replace(data_cfg(), decoder="pyav")
+    assert data_cfg().decoder == "auto"
+    calls = count_encodes(model, monkeypatch)
+    old_stamp, new_stamp = rebuilt(model, spec, few, cache, cfg, K)
+    assert calls and {k for k in old_stamp if old_stamp[k] != new_stamp[k]} == {"decoder"}
+    assert new_stamp["decoder"] == "pyav"
