@@ -73,22 +73,25 @@ def run_lm(model, tokenizer, train, val, args) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     num_val = min(len(val), 256)
 
+    def loss_of(items):
+        batch, layout = collate(items)
+        batch.pop("uids")
+        return model(batch, layout, mode="single").loss
+
     @torch.no_grad()
     def val_loss() -> float:
         model.eval()
         total = 0.0
         for start in range(0, num_val, 64):
             items = [val[i] for i in range(start, min(start + 64, num_val))]
-            total += model(*collate(items)[:2], mode="single").loss.item() * len(items)
+            total += loss_of(items).item() * len(items)
         model.train()
         return total / num_val
 
     print(f"prior val loss {prior_loss(train, val):.4f}", flush=True)
     started, losses = time.time(), []
     for step in range(1, args.steps + 1):
-        batch, layout = collate([train[i] for i in random.sample(range(len(train)), args.batch)])
-        batch.pop("uids")
-        loss = model(batch, layout, mode="single").loss
+        loss = loss_of([train[i] for i in random.sample(range(len(train)), args.batch)])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -1,7 +1,8 @@
 """Thought-video targets: frozen vision encoder + merger -> K pooled targets per sample, in a stamped safetensors cache.
 
 The cache is keyed by sample uid and stamped with everything that determines its content (fingerprint of the vision
-and merger weights, K, frame sampling and pixel budget, decoder, backbone). A cache whose stamp differs is stale and rebuilt.
+and merger weights, K, frame sampling and pixel budget, decoder, backbone). A cache whose stamp differs is stale and
+rebuilt.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def target_stamp(model: STORMSModel, num_latents: int, data_cfg: DataConfig, sam
 
 
 class TargetStore:
-    """Read-only view of a target cache: ``store[uids] -> [B, K, D]``, raw or standardised (``TargetsConfig.normalize``)."""
+    """Read-only view of a target cache: ``store[uids] -> [B, K, D]``, raw or standardised
+    (``TargetsConfig.normalize``)."""
 
     def __init__(self, directory: Path, normalize: str = "none"):
         self.directory = Path(directory)

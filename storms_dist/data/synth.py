@@ -14,6 +14,7 @@ does not depend on the number of workers. See docs/data.md for the schema and ex
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -380,8 +381,10 @@ def _paint_annulus(frame: np.ndarray, centre: Sequence[float], outer: float, col
     frame[row0:row1, col0:col1][mask] = colour
 
 
+@functools.lru_cache(maxsize=8)
 def background_image(size: int) -> np.ndarray:
-    """``[size, size, 3]`` uint8: a dim gradient, red growing to the right and blue downwards.
+    """``[size, size, 3]`` uint8, read-only (computed once per size): a dim gradient, red growing to the right and blue
+    downwards.
 
     A real scene has landmarks; a uniform floor has none, and Qwen2.5-VL's vision tower (rotary positions only, no
     absolute embedding) then cannot tell where an object is from its patch alone, nor can a mean-pooled thought-video
@@ -392,7 +395,9 @@ def background_image(size: int) -> np.ndarray:
     image[:] = BACKGROUND_RGB
     image[..., 0] += 32.0 * ramp[None, :]
     image[..., 2] += 32.0 * ramp[:, None]
-    return np.round(image).astype(np.uint8)
+    image = np.round(image).astype(np.uint8)
+    image.setflags(write=False)
+    return image
 
 
 def render(scene: Scene, trajectory: Trajectory, times: Sequence[float], spec: ThoughtSpec | None = None) -> np.ndarray:
@@ -428,11 +433,12 @@ def _draw_trail(frame: np.ndarray, trajectory: Trajectory, ball: int, t: float, 
     past_times = [t - 0.5 * k for k in range(6, 0, -1) if t - 0.5 * k >= 0]
     if not past_times:
         return
-    background = background_image(frame.shape[0]).astype(np.float64)
+    background = background_image(frame.shape[0])
     for k, position in enumerate(trajectory.state_at(past_times)[0][:, ball]):
         row, col = (min(max(int(c), 0), frame.shape[0] - 1) for c in (position[1], position[0]))
+        under = background[row, col].astype(np.float64)
         strength = 0.25 + 0.5 * (k + 1) / len(past_times)
-        faded = np.round(background[row, col] + strength * (colour - background[row, col])).astype(np.uint8)
+        faded = np.round(under + strength * (colour - under)).astype(np.uint8)
         _paint_annulus(frame, position, 0.45 * radius, faded)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 
 from storms_dist.config import dump, flatten, to_dict
 from storms_dist.data.dataset import LatentCollator, ShardedSampler, VideoQADataset
@@ -45,7 +46,8 @@ warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is depreca
 
 # What may change between a run and its resumption: where and how it is checkpointed, tracked, evaluated and launched,
 # and how long it trains. Any other change (data, model, optimiser, ZeRO) would silently splice two experiments.
-RESUMABLE_CHANGES = ("checkpoint.", "robustness.", "tracking.", "eval.", "demo.", "launcher", "nproc", "runs_dir", "name")
+RESUMABLE_CHANGES = ("checkpoint.", "robustness.", "tracking.", "eval.", "demo.", "launcher", "nproc", "runs_dir",
+                     "name")
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
@@ -202,8 +204,6 @@ class Trainer:
 
     def _check_resumable_config(self, tag: str) -> None:
         """The config the checkpointed run wrote (``OUT/config.yaml``) must match this one outside RESUMABLE_CHANGES."""
-        import yaml
-
         saved_path = self.job.out_dir / "config.yaml"
         if not saved_path.is_file():
             return  # a checkpoint copied without its run folder: nothing to compare against
