@@ -357,15 +357,34 @@ def format_status(run_dir: str | Path, state: dict, statuses: list[StageStatus])
 
 
 # ---- waiting and cancelling ----
-def wait(run_dir: str | Path, *, timeout_s: float = 3600, poll_s: float = 3.0) -> tuple[str, list[StageStatus]]:
-    """Block until the pipeline is over (COMPLETED, FAILED or CANCELLED) or ``timeout_s`` passed."""
+def wait(run_dir: str | Path, *, timeout_s: float = 3600, poll_s: float = 3.0,
+         settle_s: float = 120.0) -> tuple[str, list[StageStatus]]:
+    """Block until the pipeline is over (COMPLETED, FAILED or CANCELLED) or ``timeout_s`` passed.
+
+    A failed Slurm pipeline is over once Slurm has cancelled the stages that depended on the failure: it does
+    so on its next scheduling pass (--kill-on-invalid-dep), so for up to ``settle_s`` we wait for that too.
+    """
     deadline = time.time() + timeout_s
+    failed_since = None
     while True:
-        statuses = pipeline_status(run_dir)
+        state = read_state(run_dir)  # re-read: a local pipeline's driver updates it as stages run
+        statuses = pipeline_status(run_dir, state)
         verdict = overall(statuses)
-        if verdict in ("COMPLETED", "FAILED", "CANCELLED") or time.time() > deadline:
+        unsettled = verdict == "FAILED" and state["cluster"] == "slurm" and _awaiting_cancellation(state, statuses)
+        if unsettled:
+            failed_since = failed_since or time.time()
+            unsettled = time.time() - failed_since < settle_s
+        if (verdict in ("COMPLETED", "FAILED", "CANCELLED") and not unsettled) or time.time() > deadline:
             return verdict, statuses
         time.sleep(poll_s)
+
+
+def _awaiting_cancellation(state: dict, statuses: list[StageStatus]) -> bool:
+    """Some stage still waits on a dependency that has failed, and Slurm has not yet ruled on it."""
+    by_name = {s.name: s for s in statuses}
+    return any(status.state in ACTIVE_STATES and "DependencyNeverSatisfied" not in status.note
+               and _failed_dependency(stage, state, by_name)
+               for stage, status in zip(state["stages"], statuses))
 
 
 def cancel(run_dir: str | Path) -> list[str]:

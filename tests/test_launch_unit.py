@@ -218,6 +218,28 @@ def test_status_names_the_failed_stage_and_its_victims(tmp_path, monkeypatch):
     assert state_mod.overall(statuses) == "FAILED"
 
 
+def test_wait_on_a_failed_pipeline_lets_slurm_cancel_the_dependents(tmp_path, monkeypatch):
+    """stage1 has failed but Slurm's next scheduling pass has not yet cancelled stage2/eval: not over yet."""
+    run_dir, _ = _fake_state(tmp_path)
+    done = {"10_0": state_mod.JobInfo("COMPLETED"), "10_1": state_mod.JobInfo("COMPLETED"),
+            "11": state_mod.JobInfo("FAILED")}
+    pending = {"12": state_mod.JobInfo("PENDING", reason="Dependency"),
+               "13": state_mod.JobInfo("PENDING", reason="Dependency")}
+    polls = itertools.count()
+    # polls 0-1: dependents still pending; from poll 2 on Slurm has cancelled them
+    monkeypatch.setattr(state_mod, "squeue_info", lambda ids: pending if next(polls) < 2 else {})
+    monkeypatch.setattr(state_mod, "sacct_info", lambda ids: {**done, "12": state_mod.JobInfo("CANCELLED"),
+                                                              "13": state_mod.JobInfo("CANCELLED")})
+    verdict, statuses = state_mod.wait(run_dir, timeout_s=30, poll_s=0.01)
+    assert verdict == "FAILED" and [s.state for s in statuses[2:]] == ["CANCELLED", "CANCELLED"]
+    assert next(polls) == 3
+    # dependents that stay pending (no kill-on-invalid-dep): reported after settle_s, not after timeout_s
+    monkeypatch.setattr(state_mod, "squeue_info", lambda ids: pending)
+    monkeypatch.setattr(state_mod, "sacct_info", lambda ids: {**done, **pending})
+    verdict, statuses = state_mod.wait(run_dir, timeout_s=30, poll_s=0.01, settle_s=0.05)
+    assert verdict == "FAILED" and [s.state for s in statuses[2:]] == ["PENDING", "PENDING"]
+
+
 def test_status_without_accounting_falls_back_to_files(tmp_path, monkeypatch):
     run_dir, _ = _fake_state(tmp_path)
     out = run_dir / "stage2"
