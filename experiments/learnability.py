@@ -54,6 +54,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-pixels", type=int, default=3136)
+    p.add_argument("--whiten-merger", type=float, default=0.0,
+                   help="data-dependent init: rescale the merger's last linear so its outputs on train videos have "
+                        "zero mean and this per-dimension std (0: off)")
     args = p.parse_args()
     torch.manual_seed(0)
     random.seed(0)
@@ -64,8 +67,26 @@ def main() -> None:
     cfg = DataConfig(root=args.root, max_pixels=args.max_pixels,
                      frames=FrameSamplingConfig(fps=None, num_frames=16, min_frames=4, max_frames=16))
     train, val = (load_split(args.root, n, variants, tokenizer, spec, cfg) for n in ("train", "val"))
+    if args.whiten_merger:
+        whiten_merger(model, train, args.whiten_merger)
     print(f"{args.mode}: {args.backbone}, variants {variants}, train {len(train)}, val {len(val)}", flush=True)
     (run_lm if args.mode == "lm" else run_probe)(model, tokenizer, train, val, args)
+
+
+@torch.no_grad()
+def whiten_merger(model, train, target_std: float, num_videos: int = 128) -> None:
+    """Make the merged visual tokens differ across inputs at the text embeddings' scale (LSUV-style init)."""
+    items = [train[i] for i in range(min(num_videos, len(train)))]
+    pixels = torch.cat([it.video.pixel_values_videos for it in items])
+    grids = torch.stack([it.video.video_grid_thw for it in items])
+    tokens_ND = model.encode_video(pixels, grids).embeds_ND
+    mean_D, std_D = tokens_ND.mean(0), tokens_ND.std(0) + 1e-8
+    last = model.backbone.model.visual.merger.mlp[-1]
+    last.weight.mul_((target_std / std_D)[:, None])
+    last.bias.sub_(mean_D).mul_(target_std / std_D)
+    after = model.encode_video(pixels, grids).embeds_ND
+    print(f"merger whitened: token std {std_D.mean():.4f} -> {after.std(0).mean():.4f}, "
+          f"mean abs {mean_D.abs().mean():.4f} -> {after.mean(0).abs().mean():.4f}", flush=True)
 
 
 def run_lm(model, tokenizer, train, val, args) -> None:
