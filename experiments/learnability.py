@@ -8,13 +8,18 @@ trainer reports them: mean over the letter and ``<|im_end|>`` tokens. A model th
 ``probe``: a linear probe (softmax regression on the standardised, flattened merged visual tokens) of the *untrained*
 backbone's vision tower + merger, per variant, against the majority-letter rate: is the information there at init?
 
+With ``--oracle uniform|quadrant|dot`` the ``lm`` run is a positive control: the videos are replaced by frames that
+code the answer letter, so the vision -> answer route is tested apart from the vision tower's ability to see balls.
+
     python experiments/learnability.py lm --root runs/data/synth_demo --variants num_balls --steps 400
+    python experiments/learnability.py lm --variants num_balls,position --steps 300 --oracle quadrant
     python experiments/learnability.py probe --root runs/data/synth_demo --variants num_balls,position
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import time
@@ -24,7 +29,7 @@ import torch
 
 from storms_dist.data.dataset import DataConfig, LatentCollator, VideoQADataset
 from storms_dist.data.manifest import read_manifest
-from storms_dist.data.preprocess import VisionSpec
+from storms_dist.data.preprocess import VisionSpec, patchify
 from storms_dist.data.sampling import FrameSamplingConfig
 from storms_dist.model.build import ModelConfig, build_model, build_tokenizer, latent_token_ids
 
@@ -54,6 +59,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-pixels", type=int, default=3136)
+    p.add_argument("--oracle", choices=("uniform", "quadrant", "dot"), default=None,
+                   help="positive controls: every video replaced by frames that code the answer letter -- uniform: "
+                        "one grey level per letter; quadrant: the letter's quadrant lit (one merged token per frame "
+                        "pair); dot: a --dot-size square at a random place inside the letter's quadrant")
+    p.add_argument("--dot-size", type=int, default=6, help="side of the --oracle dot in pixels")
+    p.add_argument("--patch-init", choices=("random", "block_mean"), default="random",
+                   help="block_mean: the patch embedding's first 15 channels are per-colour means of the whole patch "
+                        "and of its four quadrants (within-patch translation invariance at init)")
     p.add_argument("--whiten-merger", type=float, default=0.0,
                    help="data-dependent init: rescale the merger's last linear so its outputs on train videos have "
                         "zero mean and this per-dimension std (0: off)")
@@ -67,10 +80,59 @@ def main() -> None:
     cfg = DataConfig(root=args.root, max_pixels=args.max_pixels,
                      frames=FrameSamplingConfig(fps=None, num_frames=16, min_frames=4, max_frames=16))
     train, val = (load_split(args.root, n, variants, tokenizer, spec, cfg) for n in ("train", "val"))
+    if args.patch_init == "block_mean":
+        block_mean_patch_init(model)
+    if args.oracle:
+        train, val = (OracleVideos(d, args.oracle, spec, args.dot_size) for d in (train, val))
     if args.whiten_merger:
         whiten_merger(model, train, args.whiten_merger)
     print(f"{args.mode}: {args.backbone}, variants {variants}, train {len(train)}, val {len(val)}", flush=True)
     (run_lm if args.mode == "lm" else run_probe)(model, tokenizer, train, val, args)
+
+
+class OracleVideos:
+    """The dataset's items with each video replaced by frames that code the answer letter (same shapes)."""
+
+    def __init__(self, dataset: VideoQADataset, kind: str, spec: VisionSpec, dot_size: int):
+        self.dataset, self.samples, self.kind, self.spec, self.dot = dataset, dataset.samples, kind, spec, dot_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        letter = "ABCDEFGH".index(item.sample.answer)
+        num_temporal, grid_h, grid_w = item.video.video_grid_thw.tolist()
+        height, width = grid_h * self.spec.patch_size, grid_w * self.spec.patch_size
+        frames_TCHW = torch.full((num_temporal * self.spec.temporal_patch_size, 3, height, width), -1.5)
+        if self.kind == "uniform":
+            frames_TCHW.fill_(letter - 1.5)
+        else:  # quadrant letter % 4, row-major
+            top, left = (letter % 4) // 2 * height // 2, (letter % 4) % 2 * width // 2
+            if self.kind == "quadrant":
+                frames_TCHW[:, :, top:top + height // 2, left:left + width // 2] = 1.5
+            else:
+                rng = random.Random(f"{item.sample.uid}")
+                y, x = top + rng.randrange(height // 2 - self.dot + 1), left + rng.randrange(width // 2 - self.dot + 1)
+                frames_TCHW[:, :, y:y + self.dot, x:x + self.dot] = 1.5
+        pixels, _ = patchify(frames_TCHW, self.spec)
+        return dataclasses.replace(item, video=dataclasses.replace(item.video, pixel_values_videos=pixels))
+
+
+@torch.no_grad()
+def block_mean_patch_init(model) -> None:
+    weight = model.backbone.model.visual.patch_embed.proj.weight  # [out, C, T, P, P]
+    _, num_channels, _, patch, _ = weight.shape
+    half = patch // 2
+    regions = [(slice(None), slice(None))] + [(slice(r, r + half), slice(c, c + half))
+                                              for r in (0, half) for c in (0, half)]
+    out = 0
+    for rows, cols in regions:
+        for channel in range(num_channels):
+            weight[out].zero_()
+            block = weight[out, channel, :, rows, cols]
+            block.fill_(1.0 / block.numel())
+            out += 1
 
 
 @torch.no_grad()
