@@ -5,7 +5,7 @@ This script trains real jobs through the CLI users run::
 
     python -m storms_dist train configs/demo/synth_tiny.yaml --stage 2 --init-from registry KEY=VALUE...
 
-on one synthetic set (generated once), alternating the stages in ABAB order (``--repeats`` pairs) so load drift
+on one synthetic set (generated once), alternating the stages in ABBA order (``--repeats`` pairs) so load drift
 hits both, and reports the median over the steps after ``--warmup`` of the trainer's ``step_s`` (data + forward +
 backward + optimizer), ``forward_s`` and ``backward_s``, with the stage-0 / stage-3 ratio. Fixed for every job:
 ``checkpoint.every_steps=0``, ``checkpoint.resume=false``, ``tracking.enabled=false``, ``data.decoder=pyav``.
@@ -49,7 +49,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the medians (first-epoch decoding)")
-    p.add_argument("--repeats", type=int, default=2, help="ABAB pairs")
+    p.add_argument("--repeats", type=int, default=2, help="pairs of jobs, ZeRO-3 first in even pairs (ABBA)")
     p.add_argument("--k", type=int, default=8, help="latent steps (Stage II rollout)")
     p.add_argument("--work-dir", default=str(REPO / "runs" / "bench_zero_stage"))
     args = p.parse_args()

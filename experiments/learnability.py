@@ -112,7 +112,7 @@ class OracleVideos:
             if self.kind == "quadrant":
                 frames_TCHW[:, :, top:top + height // 2, left:left + width // 2] = 1.5
             else:
-                rng = random.Random(f"{item.sample.uid}")
+                rng = random.Random(item.sample.uid)
                 y, x = top + rng.randrange(height // 2 - self.dot + 1), left + rng.randrange(width // 2 - self.dot + 1)
                 frames_TCHW[:, :, y:y + self.dot, x:x + self.dot] = 1.5
         pixels, _ = patchify(frames_TCHW, self.spec)
@@ -121,6 +121,7 @@ class OracleVideos:
 
 @torch.no_grad()
 def block_mean_patch_init(model) -> None:
+    """Patch-embedding channels 0-14: per-colour means of the whole patch and of its four quarters."""
     weight = model.backbone.model.visual.patch_embed.proj.weight  # [out, C, T, P, P]
     _, num_channels, _, patch, _ = weight.shape
     half = patch // 2

@@ -370,11 +370,12 @@ def wait(run_dir: str | Path, *, timeout_s: float = 3600, poll_s: float = 3.0,
         state = read_state(run_dir)  # re-read: a local pipeline's driver updates it as stages run
         statuses = pipeline_status(run_dir, state)
         verdict = overall(statuses)
-        unsettled = verdict == "FAILED" and state["cluster"] == "slurm" and _awaiting_cancellation(state, statuses)
-        if unsettled:
+        if verdict == "FAILED" and state["cluster"] == "slurm" and _awaiting_cancellation(state, statuses):
             failed_since = failed_since or time.time()
-            unsettled = time.time() - failed_since < settle_s
-        if (verdict in ("COMPLETED", "FAILED", "CANCELLED") and not unsettled) or time.time() > deadline:
+            over = time.time() - failed_since >= settle_s
+        else:
+            over = verdict in ("COMPLETED", "FAILED", "CANCELLED")
+        if over or time.time() > deadline:
             return verdict, statuses
         time.sleep(poll_s)
 

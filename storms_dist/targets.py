@@ -12,7 +12,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +25,8 @@ from storms_dist.model.latent import pool_targets
 from storms_dist.model.storms import STORMSModel
 
 STAMP_FILE = "stamp.json"
+TargetNormalize = Literal["none", "standardize"]
+"""How Stage I sees the cached targets (``TargetsConfig.normalize``)."""
 
 
 @dataclass(kw_only=True)
@@ -33,7 +35,7 @@ class TargetsConfig:
     """Samples per safetensors shard."""
     batch_size: int = 8
     """Thought videos encoded per vision-tower call."""
-    normalize: Literal["none", "standardize"] = "none"
+    normalize: TargetNormalize = "none"
     """How Stage I sees the cached (raw, pooled) targets. ``standardize``: per (slot, feature), minus the mean and over
     the standard deviation across the cache's samples, so the alignment regresses what differs between thought
     videos. Pooled tokens of a small tower can share a large constant part that then dominates an MSE (the demo:
@@ -42,8 +44,7 @@ class TargetsConfig:
     def __post_init__(self):
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError(f"targets: shard_size and batch_size must be >= 1, got {self.shard_size}, {self.batch_size}")
-        if self.normalize not in ("none", "standardize"):
-            raise ValueError(f"normalize: expected 'none' or 'standardize', got {self.normalize!r}")
+        check_normalize(self.normalize)
 
 
 def vision_fingerprint(model: STORMSModel) -> str:
@@ -69,17 +70,15 @@ class TargetStore:
     """Read-only view of a target cache: ``store[uids] -> [B, K, D]``, raw or standardised
     (``TargetsConfig.normalize``)."""
 
-    def __init__(self, directory: Path, normalize: str = "none"):
+    def __init__(self, directory: Path, normalize: TargetNormalize = "none"):
         self.directory = Path(directory)
         self.stamp = json.loads((self.directory / STAMP_FILE).read_text())
         self._targets: dict[str, torch.Tensor] = {}
         for shard in sorted(self.directory.glob("shard-*.safetensors")):
             self._targets.update(load_file(shard))
-        if normalize == "standardize":
+        if check_normalize(normalize) == "standardize":
             mean_KD, std_KD = standardization(torch.stack(list(self._targets.values())))
             self._targets = {uid: (t - mean_KD) / std_KD for uid, t in self._targets.items()}
-        elif normalize != "none":
-            raise ValueError(f"normalize: expected 'none' or 'standardize', got {normalize!r}")
 
     def __len__(self) -> int:
         return len(self._targets)
@@ -89,6 +88,12 @@ class TargetStore:
         if missing:
             raise KeyError(f"{self.directory}: no thought-video targets for {missing[:3]} (rebuild with storms targets)")
         return torch.stack([self._targets[u] for u in uids])
+
+
+def check_normalize(normalize: str) -> str:
+    if normalize not in get_args(TargetNormalize):
+        raise ValueError(f"normalize: expected one of {', '.join(get_args(TargetNormalize))}, got {normalize!r}")
+    return normalize
 
 
 def standardization(targets_NKD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 
-from storms_dist.config import dump, flatten, to_dict
+from storms_dist.config import dump, flatten, read_yaml, to_dict
 from storms_dist.data.dataset import LatentCollator, ShardedSampler, VideoQADataset
 from storms_dist.data.manifest import read_manifest
 from storms_dist.data.preprocess import VisionSpec
@@ -207,8 +206,7 @@ class Trainer:
         saved_path = self.job.out_dir / "config.yaml"
         if not saved_path.is_file():
             return  # a checkpoint copied without its run folder: nothing to compare against
-        current = yaml.safe_load(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        changes = config_changes(yaml.safe_load(saved_path.read_text()) or {}, current)
+        changes = config_changes(read_yaml(saved_path), to_dict(self.cfg))
         if changes:
             shown = ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
             raise ValueError(f"{self.job.out_dir}: its checkpoint {tag} was trained with a different config ({shown}); "
