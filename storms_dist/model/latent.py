@@ -18,6 +18,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from storms_dist.model.mrope import continuation_positions  # noqa: F401  (re-exported: the rule lives in mrope)
+
 LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
 LATENT_TOKENS = (LATENT_START, LATENT_PAD, LATENT_END)
 IGNORE_INDEX = -100
@@ -131,9 +133,3 @@ def alignment_loss(latents_BKD: torch.Tensor, targets_BKD: torch.Tensor, kind: A
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(latents_BKD, targets_BKD, dim=-1)).mean()
     raise ValueError(f"alignment loss must be 'mse' or 'cosine', got {kind!r}")
-
-
-def continuation_positions(prefix_pos_3BP: torch.Tensor, num_new: int) -> torch.Tensor:
-    """mRoPE positions of ``num_new`` text tokens appended after a prefix: ``max(prefix) + 1 + i`` on all three axes."""
-    next_BN = prefix_pos_3BP.amax(dim=(0, 2)).unsqueeze(1) + 1 + torch.arange(num_new, device=prefix_pos_3BP.device)
-    return next_BN.unsqueeze(0).expand(3, -1, -1)

@@ -29,8 +29,8 @@ from storms_dist.model.latent import (
     LatentTokenIds,
     SlotLayout,
     alignment_loss,
-    continuation_positions,
 )
+from storms_dist.model.mrope import continuation_positions, mrope_positions
 from storms_dist.model.registry import BackboneSpec
 from storms_dist.train.distributed import all_reduce_max
 
@@ -98,18 +98,18 @@ class STORMSModel(nn.Module):
         return VisualFeatures(embeds, deepstack)
 
     def rope_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """3D mRoPE positions [3, B, L] for the batch's full sequence (computed once, sliced per pass)."""
-        kwargs = {}
-        if self.spec.family == "qwen2_5_vl" and batch.get("second_per_grid_ts") is not None:
-            kwargs["second_per_grid_ts"] = batch["second_per_grid_ts"]
-        pos_3BL, _ = self.backbone.model.get_rope_index(
-            batch["input_ids"],
+        """3D mRoPE positions [3, B, L] for the batch's full sequence (computed once, sliced per pass), under the
+        project's rule (``model/mrope.py``), not the installed transformers' ``get_rope_index``."""
+        vision_config = self.backbone.config.vision_config
+        return mrope_positions(
             batch["mm_token_type_ids"],
-            video_grid_thw=batch.get("video_grid_thw"),
-            attention_mask=batch["attention_mask"],
-            **kwargs,
+            batch["attention_mask"],
+            batch.get("video_grid_thw"),
+            family=self.spec.family,
+            spatial_merge_size=vision_config.spatial_merge_size,
+            tokens_per_second=getattr(vision_config, "tokens_per_second", None),
+            second_per_grid_ts_N=batch.get("second_per_grid_ts"),
         )
-        return pos_3BL
 
     def input_embeddings(self, input_ids: torch.Tensor, visual: VisualFeatures | None) -> torch.Tensor:
         embeds_BLD = self.embed(input_ids)

@@ -477,8 +477,12 @@ class Trainer:
         engine's parameters: lets anyone check that the export reloads with identical logits."""
         items = [self.dataset[0]]
         batch, _ = LatentCollator(self.collate.token_ids, self.collate.pad_id, 0)(items)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos",
-                                        "video_grid_thw")}
+        keys = ["input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw"]
+        if self.model.spec.family == "qwen2_5_vl":
+            keys.append("second_per_grid_ts")  # Qwen3-VL carries time in the prompt's timestamps instead
+        inputs = {k: batch[k] for k in keys}
+        # the project's mRoPE rule, passed explicitly: what a plain-transformers user of the export must do too
+        inputs["position_ids"] = self.model.rope_positions(batch)
         self.model.eval()
         logits = self.engine.module.backbone(**inputs).logits  # all ranks: ZeRO-3 gathers layer by layer
         self.model.train()
