@@ -36,6 +36,7 @@ from storms_dist.train.deepspeed_config import build_ds_config
 from storms_dist.train.checkpoint import CheckpointManager, tag_for
 from storms_dist.train.distributed import all_reduce_max, barrier, init_distributed
 from storms_dist.train.flops import FlopsModel, peak_flops_per_device
+from storms_dist.train.grad_norm import step_with_grad_norm
 from storms_dist.train.optim import lr_multiplier
 from storms_dist.train.signals import PreemptionFlag, Preempted
 
@@ -388,6 +389,7 @@ class Trainer:
         timings = {"data_s": 0.0, "forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
         sums = {"loss": 0.0, "ce": 0.0, "align": 0.0}
         num_tokens = num_samples = num_micro = num_nonfinite_in_row = 0
+        grad_norm: float | None = None
         step_flops = 0.0
         step_start = time.perf_counter()
         while num_micro < stage_cfg.grad_accum:
@@ -413,7 +415,9 @@ class Trainer:
             num_nonfinite_in_row = 0
             engine.backward(out.loss)
             t3 = time.perf_counter()
-            engine.step()  # applies the optimizer only at the accumulation boundary
+            step_norm = step_with_grad_norm(engine)  # the optimizer runs only at the accumulation boundary
+            if step_norm is not None:
+                grad_norm = step_norm
             t4 = time.perf_counter()
             for key, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 timings[key] += dt
@@ -431,10 +435,9 @@ class Trainer:
             metrics.pop("align")
         if self.peak_flops is not None:
             metrics["mfu"] = step_flops / step_s / self.peak_flops
-        grad_norm = engine.get_global_grad_norm()
         metrics.update(
             lr=engine.get_lr()[0],
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            grad_norm=grad_norm if grad_norm is not None else float("nan"),  # nan only if no update ran
             step_s=step_s,
             tokens_per_s=num_tokens * self.dist.world_size / step_s,
             samples_per_s=num_samples * self.dist.world_size / step_s,
