@@ -45,7 +45,7 @@ def test_unknown_nested_key_lists_that_sections_keys():
     valid = message.split("valid keys in model:")[1]
     assert [k.strip() for k in valid.split(",")] == [
         "backbone", "init_from", "num_latents", "max_latents", "align_loss", "align_weight",
-        "attn_implementation", "activation_checkpointing", "dtype"]
+        "attn_implementation", "latent_attention", "activation_checkpointing", "dtype"]
     # two levels deep: the prefix is the full dotted path and the listed keys are TrainableConfig's
     message = config_error("stage0.trainable.foo=1")
     assert "'stage0.trainable.foo'" in message and "valid keys in stage0.trainable" in message

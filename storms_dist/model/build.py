@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from storms_dist.model.latent import LATENT_TOKENS, AlignLoss, LatentTokenIds
+from storms_dist.model.latent_cache import LATENT_ATTENTION_CHOICES, LatentAttention
 from storms_dist.model.registry import BackboneSpec, ModuleGroup, backbone_names, get_backbone
 from storms_dist.model.storms import STORMSModel
 
@@ -32,6 +33,10 @@ class ModelConfig:
     """lambda in  loss = CE(answer) + lambda * align."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """auto = flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa."""
+    latent_attention: LatentAttention = "off"
+    """Attention of the rollout's passes after the prefill. off = HF's DynamicCache (each pass copies the prefix
+    K/V, and backward keeps every copy); auto / triton / torch = the prefix stored once, storms_dist.kernels
+    latent_attention on that backend (auto: the Triton kernel on CUDA, the torch reference elsewhere)."""
     activation_checkpointing: bool = False
     """Recompute activations in backward. The vision tower always; decoder layers only in single-pass modes,
     because HF layer checkpointing drops the KV cache the latent rollout carries across passes."""
@@ -44,6 +49,9 @@ class ModelConfig:
         if not 0 <= self.num_latents <= self.max_latents:
             raise ValueError(f"num_latents: expected 0 <= num_latents <= max_latents ({self.max_latents}), "
                              f"got {self.num_latents}")
+        if self.latent_attention not in LATENT_ATTENTION_CHOICES:
+            raise ValueError(f"latent_attention: {self.latent_attention!r} is not a valid choice; valid choices: "
+                             f"{', '.join(map(repr, LATENT_ATTENTION_CHOICES))}")
         if self.align_weight < 0:
             raise ValueError(f"align_weight: expected >= 0, got {self.align_weight}")
 
@@ -169,8 +177,10 @@ def build_backbone(cfg: ModelConfig, tokenizer, *, seed: int = 0) -> tuple[nn.Mo
 
 def build_model(cfg: ModelConfig, tokenizer, *, seed: int = 0) -> STORMSModel:
     backbone, spec = build_backbone(cfg, tokenizer, seed=seed)
-    return STORMSModel(backbone, spec, latent_token_ids(tokenizer), align_loss=cfg.align_loss,
-                       align_weight=cfg.align_weight)
+    model = STORMSModel(backbone, spec, latent_token_ids(tokenizer), align_loss=cfg.align_loss,
+                        align_weight=cfg.align_weight)
+    model.latent_attention = cfg.latent_attention
+    return model
 
 
 # ---- freezing and LR groups, driven by the registry's module keys ----

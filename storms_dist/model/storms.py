@@ -14,7 +14,7 @@ rollout feeds into slot k -- so both modes align the same quantity.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
@@ -31,6 +31,7 @@ from storms_dist.model.latent import (
     alignment_loss,
 )
 from storms_dist.model.mrope import continuation_positions, mrope_positions
+from storms_dist.model.latent_cache import PrefixTailCache, latent_passes
 from storms_dist.model.registry import BackboneSpec
 from storms_dist.train.distributed import all_reduce_max
 
@@ -79,6 +80,9 @@ class STORMSModel(nn.Module):
         self.sync_ranks = False
         """Under ZeRO-3 with several ranks every rank must run the same modules the same number of times (each
         call all-gathers parameters): set by the trainer when world_size > 1."""
+        self.latent_attention = "off"
+        """Rollout attention (``model.latent_attention``): off = DynamicCache, whose every pass copies the prefix
+        K/V; auto / triton / torch = ``model/latent_cache.py`` (prefix stored once) on that kernel backend."""
 
     # ---- backbone pieces (each call runs a submodule, so ZeRO-3 gathers it) ----
     @property
@@ -227,19 +231,25 @@ class STORMSModel(nn.Module):
         while every rank's graph -- and so ZeRO-3's gather order, forward and backward -- is the same."""
         attention_mask = batch["attention_mask"]
         P, S0, K = layout.prefix_len, layout.suffix_start, layout.num_latents
-        cache = self.new_cache()
+        if self.latent_attention == "off":
+            cache, passes = self.new_cache(), nullcontext()
+        else:  # the prefill runs on the model's attention; the passes after it read the prefix K/V in place
+            cache = PrefixTailCache(self.text_config.num_hidden_layers)
+            passes = latent_passes(self.text_config, cache, self.latent_attention)
         hidden_BPD = self.decoder(embeds_BLD[:, :P], pos_3BL[:, :, :P], attention_mask[:, :P], cache,
                                   visual=visual, video_mask_BT=video_mask_BL[:, :P])
         latent = hidden_BPD[:, -1:]  # left padding: every row's <|latent_start|> is column P-1
         latents, mask_BS = [], attention_mask[:, :P]
         ones_B1 = attention_mask[:, :1].new_ones(attention_mask.shape[0], 1)
-        for k in range(num_steps):
-            latents.append(latent)
-            col = P + min(k, K - 1)  # a masked step reuses the last real column's position
-            latent = self.decoder(latent, pos_3BL[:, :, col : col + 1], torch.cat([mask_BS, ones_B1], dim=1), cache)
-            mask_BS = torch.cat([mask_BS, ones_B1 if k < K else ones_B1 * 0], dim=1)
-        hidden_BSD = self.decoder(embeds_BLD[:, S0:], pos_3BL[:, :, S0:],
-                                  torch.cat([mask_BS, attention_mask[:, S0:]], dim=1), cache)
+        with passes:
+            for k in range(num_steps):
+                latents.append(latent)
+                col = P + min(k, K - 1)  # a masked step reuses the last real column's position
+                latent = self.decoder(latent, pos_3BL[:, :, col : col + 1], torch.cat([mask_BS, ones_B1], dim=1),
+                                      cache)
+                mask_BS = torch.cat([mask_BS, ones_B1 if k < K else ones_B1 * 0], dim=1)
+            hidden_BSD = self.decoder(embeds_BLD[:, S0:], pos_3BL[:, :, S0:],
+                                      torch.cat([mask_BS, attention_mask[:, S0:]], dim=1), cache)
         return self._loss(batch, hidden_BSD[:, :-1], S0, torch.cat(latents[:K], dim=1), targets_BKD)
 
     def _loss(self, batch, answer_hidden_BTD, first, latents_BKD, targets_BKD) -> STORMSOutput:
