@@ -103,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", nargs="+", required=True, help="answer options, in order (lettered A, B, ...)")
     p.add_argument("--num-latents", type=int, default=None, help="K at inference (default: as trained)")
     p.add_argument("--config", default=None, help="run config for frame sampling / pixel budget (default: built-in)")
+    p.add_argument("--warm-runs", type=int, default=3,
+                   help="generate calls timed after the first (cold) one; their median is the warm latency")
     return parser
+
+
+class UsageError(Exception):
+    """A wrong combination of options: one line, exit status 2 (as argparse's own usage errors)."""
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +177,7 @@ def cmd_train(args) -> int:
         trainer.train()
         return 0
     if args.stage is None:
-        raise SystemExit("storms train: --stage is required (0, 1 or 2)")
+        raise UsageError("--stage is required (0, 1 or 2)")
     if args.nproc is not None:
         from storms_dist.config import replace
 
@@ -180,8 +186,10 @@ def cmd_train(args) -> int:
     if args.init_from is None and args.stage > 0:
         init_from = str(cfg.run_dir / f"stage{args.stage - 1}" / "export")
         if not Path(init_from).is_dir():
-            raise SystemExit(f"storms train: --init-from not given and {init_from} does not exist; "
+            raise UsageError(f"--init-from not given and {init_from} does not exist; "
                              f"train stage {args.stage - 1} first or pass --init-from")
+    elif init_from is not None and not Path(init_from).is_dir():
+        raise UsageError(f"--init-from {init_from}: no such export folder")
     job = TrainJob(name=f"stage{args.stage}", stage=args.stage, stage_cfg=cfg.stage(args.stage),
                    out_dir=cfg.run_dir / f"stage{args.stage}", init_from=init_from,
                    targets_dir=cfg.run_dir / "targets")
@@ -242,13 +250,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_infer(args) -> int:
-    from storms_dist.eval.evaluate import answer_one
+    from storms_dist.eval.evaluate import answer_one, format_answer
 
     cfg = load_run_config(args.config, args.overrides)
     result = answer_one(args.model, args.video, args.question, args.options, data_cfg=cfg.data,
-                        num_latents=args.num_latents)
-    print(f"answer: {result['answer']}  (raw {result['raw']!r}, K={result['num_latents']}, "
-          f"latency {result['latency_ms']:.1f} ms)")
+                        num_latents=args.num_latents, warm_runs=args.warm_runs)
+    print(format_answer(result))
     return 0
 
 
@@ -278,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ManifestError, VideoDecodeError) as e:
+    except (ConfigError, FileNotFoundError, ManifestError, VideoDecodeError, UsageError) as e:
         print(f"storms {args.command}: error: {e}", file=sys.stderr)
         return 2
 

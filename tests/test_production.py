@@ -241,6 +241,7 @@ def test_bad_data_is_skipped_and_counted_then_stops_over_the_threshold(tmp_path,
     summary = json.loads((cfg.run_dir / "stage2" / "summary.json").read_text())
     assert summary["bad_samples"] >= 2  # the two manifest lines at least; plus every broken video sampled
     assert any("train.jsonl:7" in e for e in summary["bad_examples"])
+    assert not any(e.count("train.jsonl:") > 1 for e in summary["bad_examples"])  # the path once, not twice
     assert "skipping bad sample" in output
     assert any(uid in output for uid in broken)
     log = [json.loads(line) for line in (cfg.run_dir / "stage2" / "train_log.jsonl").read_text().splitlines()]

@@ -105,6 +105,43 @@ def test_truncated_webm_decodes_its_head_and_fails_cleanly_on_its_tail(videos: d
         decode_frames(truncated, [NUM_FRAMES - 1])
 
 
+@pytest.mark.parametrize("codec", ["vp9", "mjpeg"])  # WebM: header duration; AVI: header frame count
+def test_probe_sees_a_file_cut_short(videos: dict[str, Path], codec: str, tmp_path: Path) -> None:
+    full = probe_video(videos[codec])
+    assert full.declared_num_frames == NUM_FRAMES and full.num_missing_frames == 0
+    data = videos[codec].read_bytes()
+    cut = tmp_path / f"half{SUFFIX_BY_CODEC[codec]}"
+    cut.write_bytes(data[: len(data) // 2])
+    info = probe_video(cut)
+    assert info.declared_num_frames == NUM_FRAMES and 0 < info.num_frames < NUM_FRAMES
+    assert info.num_missing_frames == NUM_FRAMES - info.num_frames
+
+
+def test_a_truncated_video_warns_once_per_file_and_carries_its_missing_frames(videos, tmp_path: Path) -> None:
+    import warnings
+
+    from storms_dist.data.dataset import DataConfig, load_video_inputs
+    from storms_dist.data.preprocess import VisionSpec
+
+    data = videos["vp9"].read_bytes()
+    cut = tmp_path / "half.webm"
+    cut.write_bytes(data[: len(data) // 2])
+    from storms_dist.data.sampling import FrameSamplingConfig
+
+    spec = VisionSpec.default("qwen2_5_vl")
+    cfg = DataConfig(root=str(tmp_path), frames=FrameSamplingConfig(fps=None, num_frames=4, min_frames=4),
+                     max_pixels=56 * 56, cache_decoded=False, decoder="pyav")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = load_video_inputs(cut, spec, cfg)
+        again = load_video_inputs(cut, spec, cfg)
+        whole = load_video_inputs(videos["vp9"], spec, cfg)
+    messages = [str(w.message) for w in caught if "truncated video" in str(w.message)]
+    assert len(messages) == 1 and messages[0].startswith(f"{cut}: truncated video: ")
+    assert first.num_missing_frames == again.num_missing_frames == NUM_FRAMES - probe_video(cut).num_frames > 0
+    assert whole.num_missing_frames == 0
+
+
 def _broken_files(folder: Path, valid: Path) -> dict[str, Path]:
     files = {
         "missing": folder / "missing.webm",

@@ -6,6 +6,7 @@ Every path that turns a video file into model inputs (training, thought-video ta
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -86,6 +87,8 @@ class VideoInputs:
     video_grid_thw: torch.Tensor
     timestamps_s: list[float]
     second_per_grid_t: float
+    num_missing_frames: int = 0
+    """Frames the file's header promises but that are absent (a truncated file); the trainer counts it as bad data."""
 
 
 def load_video_inputs(path: Path, spec: VisionSpec, cfg: DataConfig, *, start_s: float | None = None,
@@ -93,9 +96,26 @@ def load_video_inputs(path: Path, spec: VisionSpec, cfg: DataConfig, *, start_s:
     """Decode the sampled frames of one video file (backend per ``cfg.decoder``) and preprocess them for the backbone.
     ``start_s`` / ``end_s`` restrict sampling to a clip (a manifest sample's optional fields)."""
     info = probe_video(path)
+    warn_if_truncated(path, info)
     indices = sample_frame_indices(info.num_frames, info.fps, cfg.frames, start_s=start_s, end_s=end_s)
     frames = decode_video_frames(path, indices, cfg.decoder, info=info)
     return video_inputs_from_frames(frames, indices, info, spec, cfg)
+
+
+_WARNED_TRUNCATED: set[str] = set()
+
+
+def truncation_message(path: Path, info: VideoInfo) -> str:
+    return (f"{path}: truncated video: {info.num_frames} of the {info.declared_num_frames} frames its header "
+            f"promises are there; sampling from what is left")
+
+
+def warn_if_truncated(path: Path, info: VideoInfo) -> None:
+    """One warning per file and process: a cut-short file decodes, but shorter than the video it claims to be."""
+    key = str(path)
+    if info.num_missing_frames and key not in _WARNED_TRUNCATED:
+        _WARNED_TRUNCATED.add(key)
+        warnings.warn(truncation_message(path, info), stacklevel=3)
 
 
 def video_inputs_from_frames(frames, indices: Sequence[int], info: VideoInfo, spec: VisionSpec,
@@ -103,7 +123,8 @@ def video_inputs_from_frames(frames, indices: Sequence[int], info: VideoInfo, sp
     """Decoded frames ``[T, H, W, 3]`` uint8 (numpy, or a torch tensor that stays on its device) -> VideoInputs."""
     processed = preprocess_video(frames, spec, cfg.resize)
     return VideoInputs(processed.pixel_values_videos, processed.video_grid_thw, sampled_timestamps(indices, info.fps),
-                       second_per_grid_t(indices, info.fps, spec.temporal_patch_size))
+                       second_per_grid_t(indices, info.fps, spec.temporal_patch_size),
+                       num_missing_frames=info.num_missing_frames)
 
 
 @dataclass
@@ -175,6 +196,7 @@ class VideoQADataset(torch.utils.data.Dataset):
         num_cached = 0
         for video in loader:
             if video.error is None:
+                warn_if_truncated(video.path, video.info)
                 inputs = video_inputs_from_frames(video.frames, video.indices, video.info, self.spec, self.cfg)
                 self._video_cache[video.path] = inputs
                 shared_key = _process_cache_key(video.path, None, None, self.spec, self.cfg)

@@ -74,6 +74,16 @@ class VideoInfo:
     height: int
     width: int
     duration_s: float
+    declared_num_frames: int | None = None
+    """Frames the container header promises (stream frame count, else header duration x fps); None if it says
+    nothing. More than ``num_frames`` (the packets actually there) means the file was cut short."""
+
+    @property
+    def num_missing_frames(self) -> int:
+        """Frames promised but absent; 1 frame of slack for a header duration rounded to the container's clock."""
+        if self.declared_num_frames is None or self.declared_num_frames <= self.num_frames + 1:
+            return 0
+        return self.declared_num_frames - self.num_frames
 
 
 def encoder_available(codec: Codec) -> bool:
@@ -183,6 +193,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     try:  # read everything while the container is open: PyAV stream objects dangle after close()
         stream = container.streams.video[0]
         fps = _frame_rate(stream)
+        declared = _declared_frames(container, stream, fps)
         num_packets = 0
         first_frame = None
         for packet in container.demux(stream):
@@ -202,7 +213,16 @@ def probe_video(path: str | Path) -> VideoInfo:
     if fps is None:
         raise VideoDecodeError(f"{path}: video stream has no frame rate")
     return VideoInfo(num_frames=num_packets, fps=fps, height=first_frame.height, width=first_frame.width,
-                     duration_s=num_packets / fps)
+                     duration_s=num_packets / fps, declared_num_frames=declared)
+
+
+def _declared_frames(container, stream, fps: float | None) -> int | None:
+    """The header's frame count (mp4, avi), else its duration x fps (WebM/Matroska header Duration)."""
+    if stream.frames:
+        return int(stream.frames)
+    if container.duration and fps:
+        return round(container.duration / 1_000_000 * fps)  # container.duration is in microseconds
+    return None
 
 
 def decode_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:

@@ -15,7 +15,7 @@ from storms_dist.data.dataset import DataConfig, LatentCollator, VideoQADataset,
 from storms_dist.data.manifest import read_manifest
 from storms_dist.data.preprocess import VisionSpec
 from storms_dist.eval.metrics import accuracy_by_type
-from storms_dist.model.build import latent_token_ids, load_exported
+from storms_dist.model.build import latent_token_ids, load_exported, read_latent_settings
 
 
 @dataclass(kw_only=True)
@@ -150,24 +150,50 @@ def generate_answers(model, tokenizer, settings: dict, samples, data_cfg: DataCo
 
 @torch.no_grad()
 def answer_one(export_dir: str | Path, video: str | Path, question: str, options: list[str], *,
-               data_cfg: DataConfig, num_latents: int | None = None) -> dict:
-    """``storms infer``: one video + question -> letter, raw text and latency."""
-    from storms_dist.data.manifest import Sample, letter
+               data_cfg: DataConfig, num_latents: int | None = None, warm_runs: int = 3) -> dict:
+    """``storms infer``: one video + question -> letter, raw text and latency.
 
+    The inputs (export settings, question and options, the video) are checked before the weights load, so a typo
+    costs no model load. Latency: ``cold_latency_ms`` is the first ``generate`` call (one-time allocation and
+    kernel warm-up included); ``warm_latency_ms`` is the median of ``warm_runs`` more calls on the same input, the
+    quantity ``storms eval`` reports as ``latency_ms_per_item``.
+    """
+    from storms_dist.data.manifest import Sample, letter
+    from storms_dist.data.video_io import probe_video
+
+    if warm_runs < 0:
+        raise ValueError(f"warm_runs: expected >= 0, got {warm_runs}")
+    settings = read_latent_settings(export_dir)
+    sample = Sample(uid="infer", video=str(Path(video).resolve()), question=question, options=list(options),
+                    answer=letter(0), qtype="infer", thought_video=None, split="test", root=Path("/"))
+    probe_video(sample.video_path)  # a missing or unreadable video is a one-line error before the model loads
     model, tokenizer, settings = load_exported(export_dir)
     model.eval()
     k = settings["num_latents"] if num_latents is None else num_latents
     spec = VisionSpec.from_hf_config(model.backbone.config)
-    sample = Sample(uid="infer", video=str(Path(video).resolve()), question=question, options=list(options),
-                    answer=letter(0), qtype="infer", thought_video=None, split="test", root=Path("/"))
     dataset = VideoQADataset([sample], tokenizer, spec, data_cfg)
     collate = LatentCollator(latent_token_ids(tokenizer), tokenizer.pad_token_id, k, with_answers=False)
-    item = dataset[0]
-    batch, _ = collate([item])
+    batch, _ = collate([dataset[0]])
     batch.pop("uids")
-    start = time.perf_counter()
-    new_ids = model.generate(batch, num_latents=k, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    latency_ms = (time.perf_counter() - start) * 1000
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    latencies = []
+    for _ in range(1 + warm_runs):
+        start = time.perf_counter()
+        new_ids = model.generate(batch, num_latents=k, eos_token_id=eos)
+        latencies.append((time.perf_counter() - start) * 1000)
     raw = tokenizer.decode(new_ids[0], skip_special_tokens=True)
     return {"answer": predicted_letter(raw, options, data_cfg), "raw": raw, "num_latents": k,
-            "latency_ms": latency_ms}
+            "cold_latency_ms": latencies[0],
+            "warm_latency_ms": statistics.median(latencies[1:]) if warm_runs else None, "warm_runs": warm_runs}
+
+
+def format_answer(result: dict) -> str:
+    """``storms infer``'s output line."""
+    if result["answer"] is None:
+        answer = f"none (the model emitted no option letter; raw {result['raw']!r})"
+    else:
+        answer = f"{result['answer']}  (raw {result['raw']!r})"
+    warm = ("" if result["warm_latency_ms"] is None
+            else f", warm {result['warm_latency_ms']:.1f} ms (median of {result['warm_runs']})")
+    return f"answer: {answer}\nK={result['num_latents']}, latency: cold {result['cold_latency_ms']:.1f} ms " \
+           f"(first call){warm}"

@@ -181,7 +181,7 @@ class Trainer:
         path = self.cfg.data.manifest_path(self.stage_cfg.split)
         samples = read_manifest(path, on_error="skip")
         for line in samples.skipped:
-            self.bad_data.record(f"{path}:{line.line_no}: {line.message}")
+            self.bad_data.record(line.message)  # already "path:line: field: ..."
         self.bad_data.num_seen += len(samples.skipped)
         if not samples:
             raise BadDataError(f"{path}: no valid sample (examples: {self.bad_data.examples[:3]})")
@@ -380,6 +380,9 @@ class Trainer:
                 self.bad_data.record(f"{uid}: {e}")
                 print(f"[{self.job.name} rank {self.dist.rank}] skipping bad sample {uid}: {str(e)[:300]}", flush=True)
             return None
+        if record and item.video.num_missing_frames:  # usable, but shorter than the video its label describes
+            self.bad_data.record(f"{self.dataset.samples[index].uid}: {self.dataset.samples[index].video_path}: "
+                                 f"truncated, {item.video.num_missing_frames} frames missing")
         self._good_indices.append(index)
         del self._good_indices[:-1000]
         return item
