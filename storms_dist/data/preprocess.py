@@ -269,15 +269,20 @@ def _as_frames_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     return frames
 
 
-def preprocess_video(frames: np.ndarray | torch.Tensor, spec: VisionSpec, resize: ResizeConfig) -> ProcessedVideo:
+def preprocess_video(frames: np.ndarray | torch.Tensor, spec: VisionSpec, resize: ResizeConfig, *,
+                     patches_backend: str = "auto") -> ProcessedVideo:
     """Sampled RGB frames ``[T, H, W, 3]`` uint8 -> ``pixel_values_videos`` and ``video_grid_thw`` of one video.
 
     Same layout and (on CPU) the same values as transformers' Qwen2VLVideoProcessor / Qwen3VLVideoProcessor with
     ``do_sample_frames=False``, ``cap_pixels_per_frame=False`` and ``size`` = (min_pixels, max_pixels).
+    After the resize, ``patches_backend`` picks ``storms_dist.kernels.video_to_patches``' implementation: ``auto``
+    = the fused Triton kernel for CUDA frames (DALI's GPU decoder), this module's normalize_frames + patchify else.
     """
+    from storms_dist.kernels.video_to_patches import video_to_patches
+
     frames_THWC = _as_frames_tensor(frames)
     num_frames, height, width, _ = frames_THWC.shape
     target_h, target_w = resized_hw(num_frames, height, width, spec, resize)
     video_TCHW_uint8 = resize_frames(frames_THWC.permute(0, 3, 1, 2), target_h, target_w)
-    pixel_values, grid_thw = patchify(normalize_frames(video_TCHW_uint8, spec), spec)
+    pixel_values, grid_thw = video_to_patches(video_TCHW_uint8, spec, backend=patches_backend)
     return ProcessedVideo(pixel_values_videos=pixel_values, video_grid_thw=grid_thw)
