@@ -151,6 +151,9 @@ def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, swe
         previous = None if dry_run else _check_run_dir(cfg, fingerprint, resuming=resume_state is not None)
         sweep = {"name": base, "point": dict(point)} if point else None
         pipelines.append((cfg, with_synth, fingerprint, previous, sweep, wants_synth))
+    from .submit import cpu_only_note
+
+    note = cpu_only_note(opts)
     if dry_run:
         from .submit import sbatch_scripts
 
@@ -158,6 +161,8 @@ def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, swe
             plan = build_plan(cfg, opts, with_synth=with_synth, parent_run_id="<MLflow parent run id>")
             run_dir = cfg.run_dir.resolve()
             print(f"# ===== pipeline {cfg.name}: {run_dir}  (dry run: nothing submitted)", file=out)
+            if note:
+                print(f"# NOTE: {note}", file=out)
             for stage in plan:
                 if stage.done:
                     print(f"# {stage.name}: finished before, not submitted", file=out)
@@ -193,7 +198,7 @@ def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, swe
             submit_slurm(plan, opts, state, run_dir, cfg.name, extra_dependency=waits_for)
             if own_synth:
                 synth_done_by = next(s["job_id"] for s in state["stages"] if s["name"] == "synth")
-            _print_submitted(state, out)
+            _print_submitted(state, out, note=note)
         else:
             _print_submitted(state, out, local=True)
             ok = run_sequential(plan, opts, state, run_dir, cfg.name)
@@ -211,10 +216,12 @@ class PipelineFailed(RuntimeError):
         self.run_dirs = run_dirs
 
 
-def _print_submitted(state: dict, out, local: bool = False) -> None:
+def _print_submitted(state: dict, out, local: bool = False, note: str | None = None) -> None:
     run_dir = state["run_dir"]
     verb = "running" if local else "submitted"
     print(f"storms launch: {verb} pipeline {state['name']} on {state['cluster']} (run folder {run_dir})", file=out)
+    if note:
+        print(f"  NOTE: {note}", file=out)
     for stage in state["stages"]:
         if stage.get("skipped"):
             line = f"skipped ({stage['skipped']})"

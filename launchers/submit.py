@@ -33,6 +33,8 @@ def slurm_parameters(stage: StagePlan, opts: LaunchOptions, run_name: str,
         # a failed dependency cancels this job instead of leaving it PENDING (DependencyNeverSatisfied) forever;
         # --requeue: preempted jobs come back even where JobRequeue=0 is the cluster default
         "additional_parameters": {"kill_on_invalid_dep": "yes", "requeue": True},
+        # the job runs a pickled StageJob; say in the script which storms command it stands for
+        "setup": [f"# storms: {storms_command(stage)}"],
     }
     if stage.gpus_per_node:
         params["gpus_per_node"] = stage.gpus_per_node
@@ -42,6 +44,35 @@ def slurm_parameters(stage: StagePlan, opts: LaunchOptions, run_name: str,
     if dependency:
         params["dependency"] = "afterok:" + ":".join(dependency)
     return params
+
+
+def storms_command(stage: StagePlan) -> str:
+    """The ``storms`` command line a stage's job is equivalent to (the job itself runs the pickled StageJob, which
+    also logs to the pipeline's MLflow parent run and, for the targets array, writes one part per task)."""
+    spec = stage.spec
+    config = shlex.quote(str(Path(spec["run_dir"]) / "config.yaml"))
+    if stage.kind == "synth":
+        return f"storms synth {config}"
+    if stage.kind == "targets":
+        t = spec["targets"]
+        return (f"storms targets {config} --init-from {shlex.quote(str(t['init_from']))} --out "
+                f"{shlex.quote(t['out_dir'])}  (here one part per array task, into {t['parts_dir']})")
+    if stage.kind == "train":
+        job = spec["job"]
+        init = f" --init-from {shlex.quote(str(job['init_from']))}" if job.get("init_from") else ""
+        return f"storms train {config} --stage {job['stage']}{init}"
+    if stage.kind == "eval":
+        e = spec["eval"]
+        return f"storms eval {config} --model {shlex.quote(e['export'])} --out {shlex.quote(e['out_dir'])}"
+    raise ValueError(f"stage {stage.name}: unknown kind {stage.kind!r}")
+
+
+def cpu_only_note(opts: LaunchOptions) -> str | None:
+    """Slurm without --gpus-per-node requests no GPU at all: say so rather than submit CPU jobs silently."""
+    if opts.cluster != "slurm" or opts.gpus_per_node:
+        return None
+    return ("no --gpus-per-node: every job requests CPUs only (gloo backend, --tasks-per-node ranks per node); "
+            "pass --gpus-per-node N for GPU jobs")
 
 
 def stage_folder(run_dir: Path, stage: StagePlan) -> Path:

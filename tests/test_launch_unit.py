@@ -142,7 +142,28 @@ def test_dry_run_prints_the_sbatch_scripts(tmp_path, capsys):
     assert "#SBATCH --array=0-2%3" in targets and "#SBATCH --ntasks-per-node=1" in targets
     assert "#SBATCH --gpus-per-node=1" in targets
     assert "--dependency" not in next(v for k, v in scripts.items() if k.startswith("stage0"))
+    # the pickled payload's storms command, as a comment in every script
+    run_dir = next(line for line in out.splitlines() if line.startswith("# ===== pipeline")).split(": ", 1)[1]
+    run_dir = run_dir.split("  (dry run")[0]
+    assert f"# storms: storms train {run_dir}/config.yaml --stage 1 --init-from {run_dir}/stage0/export\n" in stage1
+    assert f"# storms: storms eval {run_dir}/config.yaml --model {run_dir}/stage2/export --out {run_dir}/eval" in \
+        next(v for k, v in scripts.items() if k.startswith("eval"))
+    assert f"# storms: storms targets {run_dir}/config.yaml --init-from {run_dir}/stage0/export" in targets
+    assert "NOTE" not in out  # GPUs were asked for
     assert not (tmp_path / "runs").exists()
+
+
+def test_slurm_without_gpus_says_the_jobs_are_cpu_only(tmp_path, capsys):
+    from storms_dist.launchers.cli import _print_submitted
+
+    plain = plain_config(tmp_path, fake_data(tmp_path / "data"))
+    code, out, err = run_cli([str(plain), "--dry-run", "--nodes", "2"], capsys)
+    assert code == 0, err
+    note = "no --gpus-per-node: every job requests CPUs only"
+    assert out.count(f"# NOTE: {note}") == 1 and "#SBATCH --gpus-per-node" not in out
+    state = {"run_dir": "/r", "name": "p", "cluster": "slurm", "stages": [], "mlflow": None}
+    _print_submitted(state, sys.stdout, note="x")
+    assert capsys.readouterr().out.splitlines()[1] == "  NOTE: x"
 
 
 def test_plan_stages_and_skips(tmp_path):
