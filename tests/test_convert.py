@@ -219,7 +219,7 @@ def test_video_r1_conversion_jsonl_and_skips(tmp_path: Path) -> None:
     (r1_item(problem=""), "problem: expected a non-empty question string"),
     (r1_item(options="A. x"), "options: expected a list of non-empty strings"),
     (r1_item(options=["B. x", "A. y"]), "options: expected the letter prefixes A., B., C. ... in order"),
-    (r1_item(options=["only"], solution="<answer>A</answer>"), "options: expected a list of 2-8 strings"),
+    (r1_item(options=["only"], solution="<answer>A</answer>"), "options: expected a list of 2-16 strings"),
     (r1_item(path=None), "path: expected a video path string"),
     (r1_item(problem_type=None), "problem_type: expected a string such as 'multiple choice', got None"),
 ])

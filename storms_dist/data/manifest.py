@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-OPTION_LETTERS: tuple[str, ...] = ("A", "B", "C", "D", "E", "F", "G", "H")
+# 16: the grid task asks for one of 4 x 4 cells (public benchmarks use at most 8)
+OPTION_LETTERS: tuple[str, ...] = tuple("ABCDEFGHIJKLMNOP")
 MIN_OPTIONS, MAX_OPTIONS = 2, len(OPTION_LETTERS)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -49,7 +50,7 @@ class Manifest(list):  # list[Sample]
 
 
 def letter(index: int) -> str:
-    """0 -> "A", ..., 7 -> "H"."""
+    """0 -> "A", ..., 15 -> "P"."""
     if not isinstance(index, int) or not 0 <= index < len(OPTION_LETTERS):
         raise ValueError(f"option index must be an int in 0..{len(OPTION_LETTERS) - 1}, got {index!r}")
     return OPTION_LETTERS[index]

@@ -35,10 +35,12 @@ from typing import Any, Literal
 import numpy as np
 
 from storms_dist.config import to_dict
+from storms_dist.data import grid
+from storms_dist.data.grid import GridTaskConfig
 from storms_dist.data.manifest import Sample, letter, write_manifest
 from storms_dist.data.video_io import SUFFIX_BY_CODEC, write_video
 
-GENERATOR_VERSION = 2  # bump when the content for a given config changes; invalidates existing stamps
+GENERATOR_VERSION = 3  # bump when the content for a given config changes; invalidates existing stamps
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -85,9 +87,16 @@ _MAX_EVENTS = 400  # a ball pinned between a wall and another ball bounces forev
 
 @dataclass(kw_only=True)
 class SynthConfig:
-    """Size and content of the synthetic benchmark. ``num_*`` count source videos (= questions) per split."""
+    """Size and content of the synthetic benchmark. ``num_*`` count source videos (= questions) per split.
+
+    ``task`` picks the generator: ``grid`` (the embedded default: one ball on a 4x4 grid, variable-horizon future
+    questions; storms_dist/data/grid.py, configured by ``grid``) or ``balls`` (several balls, walls, collisions and
+    occluders at ``size`` px: the harder benchmark, for pretrained backbones; the fields below ``grid`` configure it).
+    """
 
     seed: int = 0
+    task: Literal["grid", "balls"] = "grid"
+    grid: GridTaskConfig = field(default_factory=GridTaskConfig)
     num_train: int = 1200
     num_val: int = 120
     num_test: int = 240
@@ -95,7 +104,8 @@ class SynthConfig:
     fps: float = 8.0
     size: int = 84
     codec: Literal["vp9", "h264"] = "vp9"
-    qtypes: tuple[str, ...] = QTYPES
+    qtypes: tuple[str, ...] | None = None
+    """Question types, round-robin over the videos; None = the task's own (grid: future_cell x3 per current_cell)."""
     num_thought_frames: int = 16
     max_balls: int = 3
     ball_collisions: bool = True
@@ -114,6 +124,8 @@ class SynthConfig:
                 raise ValueError(f"{name}: expected an int >= 0, got {getattr(self, name)!r}")
         if self.num_train + self.num_val + self.num_test == 0:
             raise ValueError("num_train/num_val/num_test: expected at least one video in some split, got all 0")
+        if self.task not in ("grid", "balls"):
+            raise ValueError(f"task: expected 'grid' or 'balls', got {self.task!r}")
         if self.num_frames < 8:
             raise ValueError(f"num_frames: expected >= 8 (events need margins at both ends), got {self.num_frames}")
         if self.num_thought_frames < 8:
@@ -124,10 +136,15 @@ class SynthConfig:
             raise ValueError(f"size: expected a multiple of 28 (14px patches x 2x2 merge) and >= 56, got {self.size}")
         if self.codec not in ("vp9", "h264"):
             raise ValueError(f"codec: expected 'vp9' or 'h264', got {self.codec!r}")
+        valid_qtypes = grid.GRID_QTYPES if self.task == "grid" else QTYPES
+        if self.qtypes is None:
+            self.qtypes = grid.GRID_DEFAULT_QTYPES if self.task == "grid" else QTYPES
         self.qtypes = tuple(self.qtypes)
-        unknown = [q for q in self.qtypes if q not in QTYPES]
-        if not self.qtypes or unknown or len(set(self.qtypes)) != len(self.qtypes):
-            raise ValueError(f"qtypes: expected a non-empty list of distinct names from {', '.join(QTYPES)}, "
+        unknown = [q for q in self.qtypes if q not in valid_qtypes]
+        # the grid task may repeat a type (that weights it); the balls task round-robins over distinct types
+        repeated = self.task == "balls" and len(set(self.qtypes)) != len(self.qtypes)
+        if not self.qtypes or unknown or repeated:
+            raise ValueError(f"qtypes: expected a non-empty list of distinct names from {', '.join(valid_qtypes)}, "
                              f"got {list(self.qtypes)}")
         if not 2 <= self.max_balls <= 4:
             raise ValueError(f"max_balls: expected 2..4 (order/speed questions need 2 balls), got {self.max_balls}")
@@ -894,6 +911,8 @@ def _event_json(world: World, event: Event) -> dict[str, Any]:
 
 def make_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> _VideoResult:
     """Plan, render and encode source + thought video number ``index`` of ``split``."""
+    if cfg.task == "grid":
+        return make_grid_video(cfg, split, index, out_dir)
     qtype, variant, k = assignment(cfg, index)
     target = balanced_pick(target_values(variant, cfg), k, seed=cfg.seed, split=split, key=f"target/{variant}")
     world, plan = sample_world(_rng(cfg, split, index, 0), cfg, variant, target)
@@ -917,6 +936,30 @@ def make_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> _Vide
                         thought_video=thought_video, meta=meta)
 
 
+def make_grid_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> _VideoResult:
+    """The grid task's video ``index``: the clip, its continuation as the thought video, one question (grid.py)."""
+    task = cfg.grid
+    qtype = cfg.qtypes[index % len(cfg.qtypes)]
+    world = grid.sample_world(_rng(cfg, split, index, 0), task)
+    suffix = SUFFIX_BY_CODEC[cfg.codec]
+    video, thought_video = f"videos/{split}/{index:06d}{suffix}", f"thoughts/{split}/{index:06d}{suffix}"
+    write_video(out_dir / video, grid.render(world.clip_T2, task.cells), cfg.fps, cfg.codec)
+    write_video(out_dir / thought_video, grid.render(world.thought_T2, task.cells), cfg.fps, cfg.codec)
+
+    def plan(question: grid.GridQuestion) -> QuestionPlan:
+        return QuestionPlan(variant=question.variant, question=question.question, options=question.options,
+                            correct=question.correct, thought=None, meta=question.meta)
+
+    main = grid.main_question(world, qtype, task)
+    perception = [plan(q) for q in grid.perception_questions(world, task)] if split in PERCEPTION_SPLITS else []
+    meta = {"variant": qtype, "task": "grid", "thought": "continuation", "start": list(world.start),
+            "velocity": list(world.velocity), "clip_cells": world.clip_T2.tolist(),
+            "thought_cells": world.thought_T2.tolist(), "baselines": grid.baseline_answers(world, task),
+            **main.meta}
+    return _VideoResult(split=split, index=index, qtype=qtype, plan=plan(main), perception=tuple(perception),
+                        video=video, thought_video=thought_video, meta=meta)
+
+
 def _make_video_task(task: tuple[SynthConfig, str, int, Path]) -> _VideoResult:
     return make_video(*task)
 
@@ -925,7 +968,8 @@ def _make_video_task(task: tuple[SynthConfig, str, int, Path]) -> _VideoResult:
 
 
 # Rank of every fixed-vocabulary option value; counts ("0".."4") rank by their number.
-_VOCABULARY_RANK = {name: rank for vocabulary in (tuple(PALETTE), WALLS, QUADRANTS, DIRECTIONS)
+_VOCABULARY_RANK = {name: rank for vocabulary in (tuple(PALETTE), WALLS, QUADRANTS, DIRECTIONS,
+                                                   grid.cell_options(8))
                     for rank, name in enumerate(vocabulary)}
 
 

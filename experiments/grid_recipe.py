@@ -1,0 +1,175 @@
+"""Fast recipe search for the grid task (docs/results.md, session 4): a plain PyTorch loop over the real model,
+collator and dataset, no DeepSpeed, val split only. Decisions made here are then run through the real pipeline.
+
+    python experiments/grid_recipe.py stage0 --root runs/data/synth_grid --steps 300
+    python experiments/grid_recipe.py method --init runs/x/stage0.pt --method storms --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from storms_dist.data.dataset import DataConfig, LatentCollator, VideoQADataset
+from storms_dist.data.manifest import OPTION_LETTERS, read_manifest
+from storms_dist.data.preprocess import VisionSpec
+from storms_dist.data.sampling import FrameSamplingConfig
+from storms_dist.model.build import ModelConfig, build_model, build_tokenizer, latent_token_ids
+from storms_dist.targets import standardization
+
+
+def data_cfg(root: str) -> DataConfig:
+    return DataConfig(root=root, min_pixels=784, max_pixels=784, prompt="verbatim",
+                      frames=FrameSamplingConfig(fps=8.0, num_frames=None, min_frames=2, max_frames=16))
+
+
+@torch.no_grad()
+def accuracy(model, collate, dataset, letter_ids, num_latents: int, limit: int = 400) -> dict[str, float]:
+    """Greedy first answer token after the rollout (teacher-forced suffix = same as generate for one token)."""
+    model.eval()
+    hits: dict[str, list[int]] = {}
+    indices = list(range(min(limit, len(dataset))))
+    for start in range(0, len(indices), 64):
+        items = [dataset[i] for i in indices[start:start + 64]]
+        batch, layout = collate(items)
+        batch.pop("uids")
+        hidden = answer_hidden(model, batch, layout, num_latents)
+        pred = model.backbone.lm_head(hidden).argmax(-1)
+        for item, p in zip(items, pred.tolist()):
+            key = item.sample.qtype
+            hits.setdefault(key, []).append(int(p == letter_ids[item.sample.answer]))
+    model.train()
+    return {k: 100.0 * sum(v) / len(v) for k, v in hits.items()}
+
+
+def answer_hidden(model, batch, layout, num_latents):
+    """Hidden state that predicts the first answer letter (after the rollout when K > 0)."""
+    visual = model.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
+    pos = model.rope_positions(batch)
+    embeds = model.input_embeddings(batch["input_ids"], visual)
+    P, S0 = layout.prefix_len, layout.suffix_start
+    mask = batch["attention_mask"]
+    if num_latents == 0:
+        hidden = model.decoder(embeds, pos, mask, None, visual=visual)
+        return hidden[:, P - 1]
+    cache = model.new_cache()
+    h = model.decoder(embeds[:, :P], pos[:, :, :P], mask[:, :P], cache, visual=visual)[:, -1:]
+    m = mask[:, :P]
+    ones = m[:, :1].new_ones(m.shape[0], 1)
+    for k in range(num_latents):
+        m = torch.cat([m, ones], 1)
+        h = model.decoder(h, pos[:, :, P + k:P + k + 1], m, cache)
+    m = torch.cat([m, ones], 1)
+    h = model.decoder(embeds[:, S0:S0 + 1], pos[:, :, S0:S0 + 1], m, cache)
+    return h[:, -1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=("stage0", "method"))
+    p.add_argument("--root", default="runs/data/synth_grid")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-embed", action="store_true")
+    p.add_argument("--variants", default="")
+    p.add_argument("--init", default=None)
+    p.add_argument("--save", default=None)
+    p.add_argument("--method", default="sft_k0", choices=("sft_k0", "storms", "stage1_only", "stage2_only"))
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--stage1-frac", type=float, default=0.5)
+    p.add_argument("--eval-every", type=int, default=100)
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tokenizer = build_tokenizer(None)
+    model = build_model(ModelConfig(backbone="qwen2_5_vl-tiny", num_latents=args.k, align_weight=args.lam), tokenizer,
+                        seed=args.seed)
+    if args.init:
+        model.backbone.load_state_dict(torch.load(args.init))
+    spec = VisionSpec.from_hf_config(model.backbone.config)
+    cfg = data_cfg(args.root)
+    letter_ids = {c: tokenizer.convert_tokens_to_ids(c) for c in OPTION_LETTERS}
+    if args.mode == "stage0":
+        variants = args.variants.split(",") if args.variants else None
+        load = lambda n: VideoQADataset([s for s in read_manifest(f"{args.root}/perception_{n}.jsonl")  # noqa
+                                         if variants is None or s.meta["variant"] in variants], tokenizer, spec, cfg)
+        train, val = load("train"), load("val")
+        k = 0
+    else:
+        train = VideoQADataset(read_manifest(f"{args.root}/train.jsonl"), tokenizer, spec, cfg)
+        val = VideoQADataset(read_manifest(f"{args.root}/val.jsonl"), tokenizer, spec, cfg)
+        k = 0 if args.method == "sft_k0" else args.k
+    collate = LatentCollator(latent_token_ids(tokenizer), tokenizer.pad_token_id, k)
+    for name, param in model.named_parameters():
+        param.requires_grad = args.train_embed or "embed_tokens" not in name and "lm_head" not in name
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    targets = None
+    if args.mode == "method" and args.method in ("storms", "stage1_only"):
+        targets = build_targets(model, train, k)
+    stage1_steps = {"storms": int(args.steps * args.stage1_frac), "stage1_only": args.steps}.get(args.method, 0)
+    started = time.time()
+    losses = []
+    order: list[int] = []
+    for step in range(1, args.steps + 1):
+        if len(order) < args.batch:
+            order += random.sample(range(len(train)), len(train))
+        idx, order = order[:args.batch], order[args.batch:]
+        items = [train[i] for i in idx]
+        batch, layout = collate(items)
+        uids = batch.pop("uids")
+        lr = args.lr * min(1.0, step / 20) * (1 - step / (args.steps + 1))
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        if targets is not None and step <= stage1_steps:
+            out = model(batch, layout, mode="rollout", targets_BKD=torch.stack([targets[u] for u in uids]))
+        else:
+            out = model(batch, layout, mode="rollout" if k else "single")
+        optimizer.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append((out.ce.item(), 0.0 if out.align is None else out.align.item()))
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = accuracy(model, collate, val, letter_ids, k)
+            ce = sum(x[0] for x in losses[-50:]) / min(50, len(losses))
+            al = sum(x[1] for x in losses[-50:]) / min(50, len(losses))
+            print(f"step {step} ce {ce:.3f} align {al:.3f} val {({k2: round(v, 1) for k2, v in acc.items()})} "
+                  f"({time.time() - started:.0f} s)", flush=True)
+    if args.save:
+        torch.save(model.backbone.state_dict(), args.save)
+
+
+@torch.no_grad()
+def build_targets(model, dataset, k):
+    """Pooled thought-video targets from the starting model's tower, standardised per (slot, feature)."""
+    from storms_dist.data.dataset import load_video_inputs
+    from storms_dist.model.latent import pool_targets
+
+    spec = VisionSpec.from_hf_config(model.backbone.config)
+    out = {}
+    samples = dataset.samples
+    for start in range(0, len(samples), 64):
+        chunk = samples[start:start + 64]
+        videos = [load_video_inputs(s.thought_path, spec, dataset.cfg) for s in chunk]
+        visual = model.encode_video(torch.cat([v.pixel_values_videos for v in videos]),
+                                    torch.stack([v.video_grid_thw for v in videos]))
+        num_tokens = [int(v.video_grid_thw.prod()) // spec.merge_size**2 for v in videos]
+        for s, tok in zip(chunk, visual.embeds_ND.split(num_tokens)):
+            out[s.uid] = pool_targets(tok.float(), k)
+    stacked = torch.stack(list(out.values()))
+    mean, std = standardization(stacked)
+    ms = stacked.pow(2).mean().item()
+    var = stacked.var(0).mean().item()
+    print(f"targets: mean square {ms:.4f}, across-sample variance {var:.4f} ({var / ms:.3f} of it)", flush=True)
+    return {u: (t - mean) / std for u, t in out.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The embedded default task: one ball bouncing on a coarse grid, where the future needs serial computation.
+
+Geometry (docs/data.md has the arithmetic): a ``28 x 28`` frame is a ``4 x 4`` grid of 7-px cells. Qwen2.5-VL's
+14-px patches, 2-frame temporal patches and 2x2 spatial merge turn every pair of frames into exactly **one** merged
+visual token that sees the whole scene, so the ball's cell in both frames -- its position and its velocity -- is
+*content* of that token (a from-scratch tower cannot learn to find a small object wherever it sits, docs/results.md;
+it can learn what one token shows). The floor is position-coded (every cell has its own dim colour).
+
+Dynamics: the ball moves one cell per frame on each axis (diagonally) and reflects off the walls. The question asks
+for its cell ``D`` frames after the clip, with ``D`` drawn per item from ``horizons`` and written in the question:
+one forward pass must compute a ``(cell, velocity, D)`` lookup with bounces, while the thought video -- the
+ground-truth continuation, two frames (= one merged token = one of the K targets) per latent step -- lays out the
+state ``k`` steps ahead in target ``k``. A static control asks for the ball's cell at the end of the clip.
+
+Everything is a pure function of ``(seed, split, index)``; ``synth.py`` owns the output folder and manifests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from storms_dist.data.manifest import OPTION_LETTERS
+
+CELL_PX = 7
+GRID_QTYPES = ("future_cell", "current_cell")
+GRID_DYNAMICS_QTYPES = ("future_cell",)
+GRID_DEFAULT_QTYPES = ("future_cell", "future_cell", "future_cell", "current_cell")  # round-robin: 3 in 4 dynamic
+DIRECTIONS = ("up-left", "up-right", "down-left", "down-right")
+BALL_RGB = (255, 255, 255)
+
+
+@dataclass(kw_only=True)
+class GridTaskConfig:
+    """Knobs of the grid task (``synth.grid``): the difficulty curve is measured over ``horizons``."""
+
+    cells: int = 4
+    """Cells per side; the frame is ``cells * 7`` px (4 -> 28 px: one merged token per frame pair)."""
+    clip_frames: int = 4
+    """Frames of the visible clip (even: whole temporal patches). Shorter than the motion's period (2 * (cells - 1)
+    frames per axis), so copying a past frame cannot answer most horizons."""
+    horizons: tuple[int, int] = (1, 16)
+    """Inclusive range of D, the frames after the clip the question asks about (<= thought_frames)."""
+    thought_frames: int = 16
+    """Frames of the thought video (the continuation): 2 per latent step, so K = thought_frames / 2 targets."""
+    perception_frames: bool = True
+    """Stage 0 asks the ball's cell at every clip frame and its direction (dense perception supervision)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cells, int) or not 2 <= self.cells <= 8:
+            raise ValueError(f"grid.cells: expected an int in 2..8, got {self.cells!r}")
+        if self.cells * CELL_PX % 28:
+            raise ValueError(f"grid.cells: the frame ({self.cells} x {CELL_PX} px) must be a multiple of 28 px "
+                             f"(14-px patches x 2x2 merge); use 4 or 8, got {self.cells}")
+        if self.clip_frames < 2 or self.clip_frames % 2:
+            raise ValueError(f"grid.clip_frames: expected an even number >= 2, got {self.clip_frames}")
+        if self.thought_frames < 2 or self.thought_frames % 2:
+            raise ValueError(f"grid.thought_frames: expected an even number >= 2, got {self.thought_frames}")
+        self.horizons = tuple(self.horizons)
+        low, high = self.horizons
+        if not 1 <= low <= high <= self.thought_frames:
+            raise ValueError(f"grid.horizons: expected 1 <= low <= high <= thought_frames={self.thought_frames}, "
+                             f"got {list(self.horizons)}")
+
+    @property
+    def size(self) -> int:
+        return self.cells * CELL_PX
+
+    @property
+    def num_cells(self) -> int:
+        return self.cells * self.cells
+
+
+# ---- physics: one rule, used for the videos, the answers and the exact baselines ----
+def reflect_step(position: int, velocity: int, cells: int) -> tuple[int, int]:
+    """One frame of motion on one axis: move by ``velocity`` cells, reflecting off the walls at 0 and cells-1."""
+    position += velocity
+    if position > cells - 1:
+        position, velocity = 2 * (cells - 1) - position, -velocity
+    elif position < 0:
+        position, velocity = -position, -velocity
+    return position, velocity
+
+
+def trajectory(start: tuple[int, int], velocity: tuple[int, int], num_frames: int, cells: int) -> np.ndarray:
+    """Cells ``(col, row)`` of frames ``0 .. num_frames-1`` from ``start`` moving by ``velocity`` per frame."""
+    (x, y), (vx, vy) = start, velocity
+    out = np.zeros((num_frames, 2), dtype=np.int64)
+    for t in range(num_frames):
+        out[t] = x, y
+        x, vx = reflect_step(x, vx, cells)
+        y, vy = reflect_step(y, vy, cells)
+    return out
+
+
+def cell_name(col: int, row: int) -> str:
+    """``r1c1`` (top-left) .. ``r4c4``: the option text of a cell."""
+    return f"r{row + 1}c{col + 1}"
+
+
+def cell_index(col: int, row: int, cells: int) -> int:
+    """Row-major index: the canonical option position of a cell."""
+    return row * cells + col
+
+
+def direction_name(velocity: tuple[int, int]) -> str:
+    vx, vy = velocity
+    return f"{'up' if vy < 0 else 'down'}-{'left' if vx < 0 else 'right'}"
+
+
+# ---- rendering ----
+def floor_image(cells: int) -> np.ndarray:
+    """A position-coded floor: cell ``(col, row)`` gets its own dim colour (red grows with col, blue with row)."""
+    size = cells * CELL_PX
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    for row in range(cells):
+        for col in range(cells):
+            colour = (30 + 150 * col // max(cells - 1, 1), 40, 30 + 150 * row // max(cells - 1, 1))
+            image[row * CELL_PX:(row + 1) * CELL_PX, col * CELL_PX:(col + 1) * CELL_PX] = colour
+    return image
+
+
+def render(cells_T2: np.ndarray, cells: int) -> np.ndarray:
+    """Frames ``[T, H, W, 3]``: the floor with the ball filling its cell."""
+    floor = floor_image(cells)
+    frames = np.repeat(floor[None], len(cells_T2), axis=0)
+    for t, (col, row) in enumerate(cells_T2):
+        frames[t, row * CELL_PX:(row + 1) * CELL_PX, col * CELL_PX:(col + 1) * CELL_PX] = BALL_RGB
+    return frames
+
+
+# ---- one item ----
+@dataclass(frozen=True)
+class GridQuestion:
+    variant: str
+    question: str
+    options: tuple[str, ...]
+    correct: int
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GridWorld:
+    """One video's state: the clip, its continuation (the thought video) and its questions."""
+
+    clip_T2: np.ndarray
+    thought_T2: np.ndarray
+    start: tuple[int, int]
+    velocity: tuple[int, int]
+    horizon: int
+
+    @property
+    def last_velocity(self) -> tuple[int, int]:
+        """The velocity between the clip's last two frames (what the last visual token shows)."""
+        (x0, y0), (x1, y1) = self.clip_T2[-2], self.clip_T2[-1]
+        return int(x1 - x0), int(y1 - y0)
+
+
+def sample_world(rng: np.random.Generator, cfg: GridTaskConfig) -> GridWorld:
+    start = (int(rng.integers(cfg.cells)), int(rng.integers(cfg.cells)))
+    velocity = (int(rng.choice((-1, 1))), int(rng.choice((-1, 1))))
+    horizon = int(rng.integers(cfg.horizons[0], cfg.horizons[1] + 1))
+    path = trajectory(start, velocity, cfg.clip_frames + cfg.thought_frames, cfg.cells)
+    return GridWorld(clip_T2=path[:cfg.clip_frames], thought_T2=path[cfg.clip_frames:], start=start,
+                     velocity=velocity, horizon=horizon)
+
+
+def cell_options(cells: int) -> tuple[str, ...]:
+    return tuple(cell_name(i % cells, i // cells) for i in range(cells * cells))
+
+
+def compact_prompt(question: str, options: Sequence[str]) -> str:
+    """The user text for ``data.prompt: verbatim``: the cell options named by their rule, not listed one by one
+    (16 listed options would be ~75% of the sequence, and of every step's cost, on the CPU demo)."""
+    from storms_dist.data.prompt import MC_INSTRUCTION, format_question
+
+    if options and all(o.startswith("r") and "c" in o for o in options):
+        last = OPTION_LETTERS[len(options) - 1]
+        rule = (f"Options: {OPTION_LETTERS[0]}-{last}, the cells row by row from the top left "
+                f"({OPTION_LETTERS[0]} = {options[0]}, {last} = {options[-1]}).")
+        return f"{question}\n{rule}\n{MC_INSTRUCTION}"
+    return format_question(question, options)
+
+
+def _question(variant: str, question: str, options: tuple[str, ...], correct: int, **meta: Any) -> GridQuestion:
+    return GridQuestion(variant, question, options, correct, {**meta, "prompt": compact_prompt(question, options)})
+
+
+def main_question(world: GridWorld, qtype: str, cfg: GridTaskConfig) -> GridQuestion:
+    options = cell_options(cfg.cells)
+    if qtype == "future_cell":
+        col, row = world.thought_T2[world.horizon - 1]
+        frames = "frame" if world.horizon == 1 else "frames"
+        return _question(qtype, f"Which cell will the ball be in {world.horizon} {frames} after the video ends?",
+                         options, cell_index(col, row, cfg.cells), horizon=world.horizon)
+    if qtype == "current_cell":
+        col, row = world.clip_T2[-1]
+        return _question(qtype, "Which cell is the ball in at the end of the video?", options,
+                         cell_index(col, row, cfg.cells))
+    raise ValueError(f"grid: unknown question type {qtype!r}; valid: {', '.join(GRID_QTYPES)}")
+
+
+def perception_questions(world: GridWorld, cfg: GridTaskConfig) -> list[GridQuestion]:
+    """Stage 0's dense supervision: the ball's cell at every clip frame, and its direction of motion."""
+    if not cfg.perception_frames:
+        return []
+    options = cell_options(cfg.cells)
+    questions = [_question("cell_at_frame", f"Which cell is the ball in at frame {t + 1} of the video?", options,
+                           cell_index(int(col), int(row), cfg.cells), frame=t + 1)
+                 for t, (col, row) in enumerate(world.clip_T2)]
+    questions.append(_question("direction", "In which direction is the ball moving at the end of the video?",
+                               DIRECTIONS, DIRECTIONS.index(direction_name(world.last_velocity))))
+    return questions
+
+
+# ---- exact, non-learned baselines (computed from the generator's ground truth) ----
+def baseline_answers(world: GridWorld, cfg: GridTaskConfig) -> dict[str, int]:
+    """What simple rules answer for the future cell: copy the last frame; copy the past frame in the same phase of
+    the motion's period when the clip holds one (else the last frame). The exact physics answers 100 % (it is the
+    label) and is not listed; ``majority`` and the (last cell, D) lookup are fitted on train by the report."""
+    col, row = world.clip_T2[-1]
+    answers = {"copy_last": cell_index(int(col), int(row), cfg.cells)}
+    period = 2 * (cfg.cells - 1)
+    target_t = cfg.clip_frames - 1 + world.horizon
+    same_phase = [t for t in range(cfg.clip_frames) if (target_t - t) % period == 0]
+    copy_col, copy_row = world.clip_T2[same_phase[-1]] if same_phase else world.clip_T2[-1]
+    answers["copy_same_phase"] = cell_index(int(copy_col), int(copy_row), cfg.cells)
+    return answers
