@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from .plan import (
+from .prepare import (
     LaunchError,
     LaunchOptions,
     build_plan,

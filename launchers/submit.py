@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .plan import LaunchError, LaunchOptions, StagePlan
+from .prepare import LaunchError, LaunchOptions, StagePlan
 from .stages import StageJob
 from .state import mark_parent, write_state
 

@@ -78,7 +78,7 @@ def data_root(workdir) -> Path:
 
 def _launch(overrides: list[str], **options) -> tuple[Path, str]:
     from storms_dist.launchers.cli import launch
-    from storms_dist.launchers.plan import LaunchOptions
+    from storms_dist.launchers.prepare import LaunchOptions
 
     out = io.StringIO()
     opts = LaunchOptions(**{"targets_shards": 2, "time": "30", **options})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from storms_dist.launchers import state as state_mod
 from storms_dist.launchers.cli import main as launch_main
-from storms_dist.launchers.plan import (
+from storms_dist.launchers.prepare import (
     LaunchError,
     LaunchOptions,
     build_plan,
@@ -377,7 +377,7 @@ def test_sweep_dry_run_one_pipeline_per_point(tmp_path, capsys):
 
 def test_a_run_folder_is_not_reused_for_another_config_or_while_running(tmp_path, monkeypatch):
     from storms_dist.launchers.cli import _check_run_dir
-    from storms_dist.launchers.plan import config_fingerprint
+    from storms_dist.launchers.prepare import config_fingerprint
 
     data = fake_data(tmp_path / "data")
     cfg, _ = load_resolved_config(str(plain_config(tmp_path, data)), [])
