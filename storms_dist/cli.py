@@ -98,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("infer", help="answer one question about one video with the latent rollout",
                        description="Prefill video + question, K latent steps, forced <|latent_end|>, greedy answer.")
     p.add_argument("--model", required=True, help="export folder")
-    p.add_argument("--video", required=True, help="video file")
-    p.add_argument("--question", required=True)
-    p.add_argument("--options", nargs="+", required=True, help="answer options, in order (lettered A, B, ...)")
+    p.add_argument("--video", default=None, help="video file")
+    p.add_argument("--question", default=None)
+    p.add_argument("--options", nargs="+", default=None, help="answer options, in order (lettered A, B, ...)")
+    p.add_argument("--sample", default=None, metavar="MANIFEST:UID",
+                   help="take video, question and options (in the manifest's order) from one manifest line")
     p.add_argument("--num-latents", type=int, default=None, help="K at inference (default: as trained)")
     p.add_argument("--config", default=None, help="run config for frame sampling / pixel budget (default: built-in)")
     p.add_argument("--warm-runs", type=int, default=3,
@@ -249,11 +251,36 @@ def cmd_export(args) -> int:
     return 0
 
 
+def infer_inputs(args) -> tuple[str, str, list[str]]:
+    """(video, question, options) from --sample MANIFEST:UID or from --video/--question/--options."""
+    given = [name for name in ("video", "question", "options") if getattr(args, name) is not None]
+    if args.sample is None:
+        if len(given) < 3:
+            missing = sorted({"video", "question", "options"} - set(given))
+            raise UsageError(f"pass --sample MANIFEST:UID, or --video, --question and --options "
+                             f"(missing: {', '.join('--' + m for m in missing)})")
+        return args.video, args.question, args.options
+    if given:
+        raise UsageError(f"--sample takes video, question and options from the manifest; drop "
+                         f"{', '.join('--' + g for g in given)}")
+    from storms_dist.data.manifest import read_manifest
+
+    manifest, sep, uid = args.sample.rpartition(":")
+    if not sep or not manifest or not uid:
+        raise UsageError(f"--sample {args.sample!r}: expected MANIFEST:UID, e.g. data/test.jsonl:synth-test-000000")
+    samples = {s.uid: s for s in read_manifest(manifest)}
+    if uid not in samples:
+        raise UsageError(f"--sample: {manifest} has no uid {uid!r} ({len(samples)} samples)")
+    sample = samples[uid]
+    return str(sample.video_path), sample.question, list(sample.options)
+
+
 def cmd_infer(args) -> int:
     from storms_dist.eval.evaluate import answer_one, format_answer
 
+    video, question, options = infer_inputs(args)
     cfg = load_run_config(args.config, args.overrides)
-    result = answer_one(args.model, args.video, args.question, args.options, data_cfg=cfg.data,
+    result = answer_one(args.model, video, question, options, data_cfg=cfg.data,
                         num_latents=args.num_latents, warm_runs=args.warm_runs)
     print(format_answer(result))
     return 0

@@ -57,6 +57,27 @@ def test_infer_checks_the_video_before_loading_the_model(export_and_video, tmp_p
     assert "not a STORMS export" in capsys.readouterr().err
 
 
+def test_infer_takes_a_sample_from_a_manifest_in_its_option_order(export_and_video, capsys):
+    import json
+
+    export, video = export_and_video
+    manifest = video.parent / "test.jsonl"
+    manifest.write_text(json.dumps({"uid": "s0", "video": video.name, "question": "Where next?",
+                                    "options": ["r1c1", "r1c2", "r2c1"], "answer": "B", "qtype": "future_cell",
+                                    "thought_video": None, "split": "test"}) + "\n")
+    assert main(["infer", "--model", str(export), "--sample", f"{manifest}:s0", "--warm-runs", "0"]) == 0
+    assert re.search(r"^K=2, latency: cold \d+\.\d ms \(first call\)$", capsys.readouterr().out, re.M)
+    for argv, message in [
+        (["--sample", f"{manifest}:nope"], f"--sample: {manifest} has no uid 'nope' (1 samples)"),
+        (["--sample", f"{manifest}:s0", "--video", str(video)], "--sample takes video, question and options from "
+                                                                "the manifest; drop --video"),
+        (["--video", str(video)], "pass --sample MANIFEST:UID, or --video, --question and --options (missing: "
+                                  "--options, --question)"),
+    ]:
+        assert main(["infer", "--model", str(export), *argv]) == 2
+        assert capsys.readouterr().err == f"storms infer: error: {message}\n"
+
+
 def test_an_answer_without_a_letter_says_so():
     line = format_answer({"answer": None, "raw": "", "num_latents": 4, "cold_latency_ms": 612.0,
                           "warm_latency_ms": 115.25, "warm_runs": 3})
