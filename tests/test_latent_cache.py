@@ -110,3 +110,25 @@ def test_prefix_tail_cache_refuses_passes_outside_latent_passes(model):
 def test_config_choice_error():
     with pytest.raises(ValueError, match="latent_attention: 'cuda' is not a valid choice; valid choices: 'off'"):
         ModelConfig(latent_attention="cuda")
+
+
+def test_start_up_line_names_each_modules_attention(model, capsys):
+    from storms_dist.model.build import describe_attention
+
+    assert describe_attention(model) == ("vision tower sdpa; text decoder sdpa; rollout passes after the prefill: "
+                                         "DynamicCache + sdpa")
+    model.latent_attention = "torch"
+    try:
+        assert describe_attention(model).endswith("storms_latent (prefix K/V once) -> latent_attention torch")
+    finally:
+        model.latent_attention = "off"
+
+
+def test_flash_attention_2_without_cuda_or_flash_attn_is_a_config_error():
+    from storms_dist.model.build import resolve_attn_implementation
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: flash_attention_2 may be valid here")
+    with pytest.raises(ValueError, match="flash_attention_2 needs a CUDA GPU and the flash-attn package"):
+        resolve_attn_implementation("flash_attention_2")
+    assert resolve_attn_implementation("auto") == "sdpa"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,7 +63,18 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def _flash_attn_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_attn_implementation(name: str) -> str:
+    if name == "flash_attention_2" and not (torch.cuda.is_available() and _flash_attn_importable()):
+        raise ValueError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                         "(pip install -e '.[flash]' on the GPU machine); use auto or sdpa here")
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -180,7 +192,26 @@ def build_model(cfg: ModelConfig, tokenizer, *, seed: int = 0) -> STORMSModel:
     model = STORMSModel(backbone, spec, latent_token_ids(tokenizer), align_loss=cfg.align_loss,
                         align_weight=cfg.align_weight)
     model.latent_attention = cfg.latent_attention
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[model {cfg.backbone}] attention: {describe_attention(model)}", flush=True)
     return model
+
+
+def describe_attention(model: STORMSModel) -> str:
+    """Which implementation runs where (printed at start-up): vision tower, text decoder, the rollout's passes."""
+    config = model.backbone.config
+    text = config.text_config._attn_implementation
+    if model.latent_attention == "off":
+        passes = f"DynamicCache + {text}"
+    else:
+        from storms_dist.kernels._backend import triton_available
+
+        kernel = model.latent_attention
+        if kernel == "auto":
+            kernel = "triton" if torch.cuda.is_available() and triton_available() else "torch reference"
+        passes = f"storms_latent (prefix K/V once) -> latent_attention {kernel}"
+    return (f"vision tower {config.vision_config._attn_implementation}; text decoder {text}; "
+            f"rollout passes after the prefill: {passes}")
 
 
 # ---- freezing and LR groups, driven by the registry's module keys ----
@@ -234,13 +265,29 @@ def param_groups(model: STORMSModel, *, lr: float, weight_decay: float, trainabl
 
 # ---- export / reload ----
 def export_model(model: STORMSModel, tokenizer, out_dir: str | Path, *, num_latents: int, max_latents: int,
-                 state_dict: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> Path:
-    """``save_pretrained`` folder (transformers loads it back) plus our latent-token settings."""
+                 state_dict: dict[str, torch.Tensor] | None = None, extra: dict | None = None,
+                 data: dict | None = None) -> Path:
+    """``save_pretrained`` folder (transformers loads it back), the processor configs and chat template
+    (``model/processor_files.py``), plus our latent-token settings.
+
+    ``data``: the run's ``DataConfig`` as a dict (``config.to_dict``), whose pixel budget and frame sampling the
+    processor configs record; default: the built-in ``DataConfig``. It is also kept in ``storms_latent.json``.
+    """
+    from storms_dist.config import to_dict
+    from storms_dist.data.dataset import DataConfig
+    from storms_dist.data.preprocess import VisionSpec
+    from storms_dist.model.processor_files import write_processor_files
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    data = to_dict(DataConfig()) if data is None else data
     model.backbone.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    write_latent_settings(model, out_dir, num_latents=num_latents, max_latents=max_latents, extra=extra)
+    write_processor_files(out_dir, VisionSpec.from_hf_config(model.backbone.config), min_pixels=data["min_pixels"],
+                          max_pixels=data["max_pixels"], frames=data["frames"],
+                          system_prompt=data.get("system_prompt", True))
+    write_latent_settings(model, out_dir, num_latents=num_latents, max_latents=max_latents,
+                          extra={**(extra or {}), "data": data})
     return out_dir
 
 
@@ -256,6 +303,8 @@ def write_latent_settings(model: STORMSModel, out_dir: Path, *, num_latents: int
         "max_latents": max_latents,
         "align_loss": model.align_loss,
         "align_weight": model.align_weight,
+        # plain transformers >= 5.3 places text after a long video elsewhere: pass position_ids from this rule
+        "mrope_rule": "segment_starts_at_max_plus_one (storms_dist.model.mrope.mrope_positions)",
         **(extra or {}),
     }
     (Path(out_dir) / LATENT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
@@ -290,7 +339,7 @@ def export_from_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> P
                         align_loss=settings["align_loss"], align_weight=settings["align_weight"])
     extra = {k: v for k, v in settings.items() if k in ("stage", "job", "steps")}
     return export_model(model, tokenizer, out_dir, num_latents=settings["num_latents"],
-                        max_latents=settings["max_latents"], extra=extra)
+                        max_latents=settings["max_latents"], extra=extra, data=settings.get("data"))
 
 
 def read_latent_settings(export_dir: str | Path) -> dict:
