@@ -10,13 +10,16 @@ import copy
 
 import deepspeed
 import pytest
-import torch
 from test_mrope import long_video_batch
 
 from storms_dist.model.build import ModelConfig, build_model
 from storms_dist.train.deepspeed_config import DeepSpeedConfig, build_ds_config
 from storms_dist.train.distributed import init_distributed
-from storms_dist.train.grad_norm import engine_reports_grad_norm, step_with_grad_norm, total_grad_norm
+from storms_dist.train.grad_norm import (
+    engine_reports_grad_norm,
+    step_with_grad_norm,
+    total_grad_norm,
+)
 from storms_dist.train.optim import OptimConfig
 
 

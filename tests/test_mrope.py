@@ -12,7 +12,11 @@ import torch
 
 from storms_dist.model.build import ModelConfig, build_model, latent_token_ids
 from storms_dist.model.latent import collate_latent_batch
-from storms_dist.model.mrope import continuation_positions, mrope_positions, vision_block_positions
+from storms_dist.model.mrope import (
+    continuation_positions,
+    mrope_positions,
+    vision_block_positions,
+)
 
 BACKBONES = ["qwen2_5_vl-micro", "qwen3_vl-micro"]
 GRIDS_THW = [(4, 4, 4), (2, 4, 6), (4, 4, 8)]  # raw patch grids; merged LLM grids are (t, h/2, w/2)

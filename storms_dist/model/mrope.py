@@ -22,7 +22,8 @@ Shapes: B batch rows, L columns, N videos (Qwen3-VL: one grid row per video, spl
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 

@@ -225,7 +225,9 @@ class Trainer:
         self.model.backbone.config.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         write_latent_settings(self.model, folder, num_latents=self.num_latents, max_latents=self.cfg.model.max_latents,
-                              extra={"stage": self.job.stage, "job": self.job.name, "steps": self.step})
+                              # "data": storms export writes it into the processor configs
+                              extra={"stage": self.job.stage, "job": self.job.name, "steps": self.step,
+                                     "data": to_dict(self.cfg.data)})
 
     def _thought_video_targets(self):
         """Stage I targets from this stage's starting checkpoint: rank 0 (re)builds a stale or missing cache."""
@@ -464,7 +466,8 @@ class Trainer:
             torch.save(probe, job.out_dir / "export_probe.pt")
             export_model(self.model, self.tokenizer, export_dir, num_latents=self.num_latents,
                          max_latents=self.cfg.model.max_latents, state_dict=state_dict,
-                         extra={"stage": job.stage, "job": job.name, "steps": self.step})
+                         extra={"stage": job.stage, "job": job.name, "steps": self.step},
+                         data=to_dict(self.cfg.data))
             summary = {"job": job.name, "stage": job.stage, "steps": self.step, "num_latents": self.num_latents,
                        "export": str(export_dir), "final_loss": history[-1]["loss"],
                        "mean_step_s": sum(m["step_s"] for m in history) / len(history),
