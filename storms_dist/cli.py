@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="e.g. runs/NAME/stage2/checkpoints or runs/NAME/stage2/checkpoints/step000040")
     p.add_argument("--out", required=True, help="export folder to write")
 
-    from storms_dist.benchmarks.cli import add_data_parser, add_score_parser
+    from storms_dist.eval.benchmarks.cli import add_data_parser, add_score_parser
     from storms_dist.launchers.cli import add_launch_parser
     from storms_dist.thoughts.cli import add_thoughts_parser
 
@@ -220,13 +220,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from storms_dist.benchmarks.cli import cmd_score as score
+    from storms_dist.eval.benchmarks.cli import cmd_score as score
 
     return score(args)
 
 
 def cmd_data(args) -> int:
-    from storms_dist.benchmarks.cli import cmd_data as data
+    from storms_dist.eval.benchmarks.cli import cmd_data as data
 
     return data(args)
 

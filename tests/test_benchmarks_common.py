@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storms_dist.benchmarks import (
+from storms_dist.eval.benchmarks import (
     BENCHMARKS,
     BenchItem,
     BenchmarkDataError,
@@ -23,8 +23,8 @@ from storms_dist.benchmarks import (
     read_predictions,
     strip_reasoning,
 )
-from storms_dist.benchmarks.cli import add_data_parser, add_score_parser
-from storms_dist.benchmarks.judge import Judge, chat_completions_url
+from storms_dist.eval.benchmarks.cli import add_data_parser, add_score_parser
+from storms_dist.eval.benchmarks.judge import Judge, chat_completions_url
 from storms_dist.data.manifest import read_manifest, write_manifest
 from storms_dist.data.video_io import encoder_available, write_video
 

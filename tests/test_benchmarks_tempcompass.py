@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storms_dist.benchmarks import (
+from storms_dist.eval.benchmarks import (
     BENCHMARKS,
     BenchmarkDataError,
     JudgeError,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storms_dist.benchmarks import (
+from storms_dist.eval.benchmarks import (
     BENCHMARKS,
     BenchmarkDataError,
     extract_mcq_letter,

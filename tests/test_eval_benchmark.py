@@ -50,7 +50,7 @@ def test_eval_benchmark_videomme(tmp_path, tokenizer):
     assert [p["uid"] for p in predictions] == ["001-1", "001-2"]  # storms-score format: uid + raw prediction
     assert all(isinstance(p["prediction"], str) for p in predictions)
     # the random model's answers are scored by Video-MME's own rules (recomputed here from the raw texts)
-    from storms_dist.benchmarks import get_benchmark
+    from storms_dist.eval.benchmarks import get_benchmark
 
     bench = get_benchmark("videomme")
     rescored = bench.score(bench.load(root), {p["uid"]: p["prediction"] for p in predictions})

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from storms_dist.benchmarks.judge import OpenAIJudge
+from storms_dist.eval.benchmarks.judge import OpenAIJudge
 from storms_dist.data.manifest import read_manifest, write_manifest
 from storms_dist.data.synth import SynthConfig, generate
 from storms_dist.data.video_io import decode_frames, probe_video, write_video
@@ -39,7 +39,7 @@ from storms_dist.thoughts.prompts import TeacherPrompt, TemplatePrompt
 def synth(tmp_path_factory) -> dict[str, Path]:
     """6 train + 2 test synthetic videos (stamped set: the procedural backend's exact mode)."""
     root = tmp_path_factory.mktemp("synth") / "data"
-    return generate(SynthConfig(num_train=6, num_val=0, num_test=2, size=56, workers=1), root)
+    return generate(SynthConfig(task="balls", num_train=6, num_val=0, num_test=2, size=56, workers=1), root)
 
 
 def test_procedural_reproduces_the_synthetic_thought_videos_exactly(synth, tmp_path: Path) -> None:

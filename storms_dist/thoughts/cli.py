@@ -118,7 +118,7 @@ def build_generator(args: argparse.Namespace):
 
 
 def build_prompt_source(args: argparse.Namespace):
-    from storms_dist.benchmarks.judge import OpenAIJudge
+    from storms_dist.eval.benchmarks.judge import OpenAIJudge
     from storms_dist.thoughts.prompts import TeacherPrompt, TemplatePrompt
 
     if args.prompt == "template":

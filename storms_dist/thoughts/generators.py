@@ -21,6 +21,7 @@ from storms_dist.data.manifest import Sample
 from storms_dist.data.video_io import VideoDecodeError, probe_video
 from storms_dist.thoughts.constants import BACKENDS, DTYPES  # noqa: F401  (BACKENDS: re-exported)
 from storms_dist.thoughts.keyframes import Keyframes
+from storms_dist.thoughts.naming import file_stem
 
 VIDEO_SUFFIXES: tuple[str, ...] = (".webm", ".mp4", ".avi", ".mkv", ".mov")
 
@@ -212,8 +213,6 @@ class FilesGenerator:
         return {"backend": self.name, "directory": str(self.directory.resolve())}
 
     def generate(self, request: GenerationRequest) -> GeneratedVideo:
-        from storms_dist.thoughts.pipeline import file_stem
-
         uid = request.sample.uid
         path = find_user_video(self.directory, uid, file_stem(uid))
         if path is None:

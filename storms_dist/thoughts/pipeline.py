@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 import zlib
@@ -37,6 +36,7 @@ from storms_dist.data.manifest import SPLITS, ManifestError, Sample, read_manife
 from storms_dist.data.video_io import SUFFIX_BY_CODEC, VideoDecodeError, probe_video, write_video
 from storms_dist.thoughts.constants import CONDITIONS
 from storms_dist.thoughts.generators import VIDEO_SUFFIXES, GenerationError, GenerationRequest, Generator
+from storms_dist.thoughts.naming import file_stem  # noqa: F401  (re-exported)
 from storms_dist.thoughts.keyframes import KEYFRAME_METHODS, Keyframes, pick_condition, select_keyframes
 from storms_dist.thoughts.prompts import PromptError, PromptSource
 
@@ -87,15 +87,6 @@ class ThoughtsSettings:
 
 
 # ---------------------------------------------------------------------------------------------------- small helpers
-
-
-def file_stem(uid: str) -> str:
-    """A file name for ``uid``: the uid itself when it is made of ``[A-Za-z0-9._-]`` (and does not start with a dot),
-    else a sanitised form plus 8 hex digits of its CRC-32, so different uids never share a file."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", uid).lstrip(".")[:120]
-    if safe == uid and safe:
-        return safe
-    return f"{safe or 'sample'}-{zlib.crc32(uid.encode()):08x}"
 
 
 def sample_seed(base_seed: int, uid: str) -> int:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from storms_dist.benchmarks.judge import Judge, JudgeError
+from storms_dist.eval.benchmarks.judge import Judge, JudgeError
 from storms_dist.data.manifest import OPTION_LETTERS, Sample
 from storms_dist.thoughts.constants import DEFAULT_TEMPLATE, PROMPT_SOURCES, TEMPLATE_FIELDS  # noqa: F401
 from storms_dist.thoughts.keyframes import Keyframes
@@ -161,7 +161,7 @@ def parse_teacher_reply(reply: str, num_keyframes: int) -> tuple[str, int | None
 
 @dataclass(frozen=True)
 class TeacherPrompt:
-    """Ask a chat model (any OpenAI-compatible server; :class:`storms_dist.benchmarks.judge.OpenAIJudge`)."""
+    """Ask a chat model (any OpenAI-compatible server; :class:`storms_dist.eval.benchmarks.judge.OpenAIJudge`)."""
 
     judge: Judge
     include_answer: bool = True

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from storms_dist.benchmarks.common import (
+from storms_dist.eval.benchmarks.common import (
     BenchItem,
     Benchmark,
     BenchmarkDataError,
@@ -34,7 +34,7 @@ from storms_dist.benchmarks.common import (
     read_json,
     read_parquet_dir,
 )
-from storms_dist.benchmarks.judge import Judge, JudgeError
+from storms_dist.eval.benchmarks.judge import Judge, JudgeError
 
 NAME: Final = "tempcompass"
 CONFIGS: Final = ("multi-choice", "yes_no", "caption_matching", "captioning")

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from storms_dist.benchmarks import BENCHMARKS
-from storms_dist.benchmarks.common import BenchmarkDataError
-from storms_dist.benchmarks.judge import Judge, JudgeError, OpenAIJudge
+from storms_dist.eval.benchmarks import BENCHMARKS
+from storms_dist.eval.benchmarks.common import BenchmarkDataError
+from storms_dist.eval.benchmarks.judge import Judge, JudgeError, OpenAIJudge
 
 
 def add_score_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -82,7 +82,7 @@ def _write_json(path: str, data: Any) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from storms_dist.benchmarks.common import read_predictions
+    from storms_dist.eval.benchmarks.common import read_predictions
 
     try:
         benchmark = BENCHMARKS[args.benchmark]
@@ -132,7 +132,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m storms_dist.benchmarks.cli score ...``) until the host CLI wires these in."""
+    """Stand-alone entry (``python -m storms_dist.eval.benchmarks.cli score ...``) until the host CLI wires these in."""
     parser = argparse.ArgumentParser(prog="storms")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_score_parser(sub)

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from storms_dist.benchmarks.common import (
+from storms_dist.eval.benchmarks.common import (
     BenchItem,
     Benchmark,
     BenchmarkDataError,

@@ -1,6 +1,6 @@
 """Public video-QA benchmarks (Video-MME, MVBench, TempCompass, MMVU): loaders, lmms-eval scoring, data checks.
 
-    from storms_dist.benchmarks import BENCHMARKS, read_predictions, OpenAIJudge
+    from storms_dist.eval.benchmarks import BENCHMARKS, read_predictions, OpenAIJudge
 
     bench = BENCHMARKS["videomme"]
     items = bench.load("/data/videomme")                # list[BenchItem] (uid, video, question, options, ...)
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Final
 
-from storms_dist.benchmarks import mmvu, mvbench, tempcompass, videomme
-from storms_dist.benchmarks.common import (
+from storms_dist.eval.benchmarks import mmvu, mvbench, tempcompass, videomme
+from storms_dist.eval.benchmarks.common import (
     BenchItem,
     Benchmark,
     BenchmarkDataError,
@@ -27,7 +27,7 @@ from storms_dist.benchmarks.common import (
     strip_reasoning,
     to_samples,
 )
-from storms_dist.benchmarks.judge import Judge, JudgeError, OpenAIJudge
+from storms_dist.eval.benchmarks.judge import Judge, JudgeError, OpenAIJudge
 
 BENCHMARKS: Final[dict[str, Benchmark]] = {
     "videomme": videomme.BENCHMARK,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlparse
 
-from storms_dist.benchmarks.common import (
+from storms_dist.eval.benchmarks.common import (
     BenchItem,
     Benchmark,
     BenchmarkDataError,
@@ -37,7 +37,7 @@ from storms_dist.benchmarks.common import (
     read_parquet_dir,
     strip_reasoning,
 )
-from storms_dist.benchmarks.judge import Judge, JudgeError
+from storms_dist.eval.benchmarks.judge import Judge, JudgeError
 
 NAME: Final = "mmvu"
 LETTERS: Final = ("A", "B", "C", "D", "E")

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from storms_dist.benchmarks.common import (
+from storms_dist.eval.benchmarks.common import (
     BenchItem,
     Benchmark,
     BenchmarkDataError,
