@@ -25,6 +25,7 @@ from .prepare import (
     build_plan,
     check_cluster,
     check_data,
+    check_fits,
     check_paths,
     config_fingerprint,
     expand_sweep,
@@ -46,7 +47,7 @@ from .state import (
 )
 
 OPTION_FIELDS = ("cluster", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "partition", "time",
-                 "account", "qos", "constraint", "mem", "targets_shards", "stage0")
+                 "account", "qos", "constraint", "mem", "targets_shards", "stage0", "gpu", "plan_check")
 
 
 def add_launch_parser(subparsers) -> argparse.ArgumentParser:
@@ -98,6 +99,10 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
     res.add_argument("--stage0", choices=("auto", "yes", "no"), default=None,
                      help="Stage 0 perception pre-training: auto (default) = only for a random-init backbone "
                           "without model.init_from")
+    res.add_argument("--gpu", choices=("h100", "h200", "a100", "b200"), default=None,
+                     help="GPU part for the memory check (storms plan; default h100)")
+    res.add_argument("--no-plan-check", dest="plan_check", action="store_const", const=False, default=None,
+                     help="submit even when storms plan says a training stage cannot fit")
     p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
                    help="one pipeline per value (repeat for a grid), each its own run folder NAME-<key><value>, "
                         "tagged in MLflow")
@@ -127,9 +132,11 @@ def _check_run_dir(cfg, fingerprint: str, *, resuming: bool = False) -> dict | N
 
 
 def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, sweeps: list[str] | None = None,
-           dry_run: bool = False, resume_state: dict | None = None, out=None) -> list[Path]:
+           dry_run: bool = False, resume_state: dict | None = None, out=None,
+           extra_tags: dict[str, str] | None = None) -> list[Path]:
     """Validate every pipeline of the sweep, then submit them (or print their sbatch scripts). Returns run dirs."""
     from storms_dist.config import dump, to_dict
+    from storms_dist.tracking import TrackingServerUnavailable, check_tracking_server
 
     out = out or sys.stdout
     points = expand_sweep(sweeps)
@@ -144,8 +151,14 @@ def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, swe
         cfg, wants_synth = load_resolved_config(config, [*overrides, *extra])
         if resume_state is not None:  # the saved config.yaml always has a synth section: ask the first launch
             wants_synth = bool(resume_state.get("wants_synth"))
+        if not dry_run:  # before anything is submitted: the jobs would only find out on the cluster
+            try:
+                check_tracking_server(cfg.tracking, cfg.runs_dir)
+            except TrackingServerUnavailable as e:
+                raise LaunchError(str(e)) from None
         check_paths(cfg)
         with_stage0 = needs_stage0(cfg, opts)
+        check_fits(cfg, opts, with_stage0=with_stage0)
         with_synth = check_data(cfg, wants_synth, with_stage0)
         fingerprint = config_fingerprint(to_dict(cfg))
         previous = None if dry_run else _check_run_dir(cfg, fingerprint, resuming=resume_state is not None)
@@ -180,8 +193,12 @@ def launch(config: str | None, overrides: list[str], opts: LaunchOptions, *, swe
         run_dir.mkdir(parents=True, exist_ok=True)
         dump(cfg, run_dir / "config.yaml")
         tags = {"sweep": sweep["name"], **{f"sweep.{k}": v for k, v in sweep["point"].items()}} if sweep else {}
+        # storms study: the study id on every run; the study's parent run (mlflow.parentRunId) on the pipeline's only
+        study = dict(extra_tags or {})
+        nest = {k: study.pop(k) for k in [k for k in study if k.startswith("mlflow.")]}
+        tags.update(study)
         reopen = ((previous or {}).get("mlflow") or {}).get("parent_run_id")
-        mlflow = start_parent_run(cfg, cluster=opts.cluster, tags=tags, reopen=reopen)
+        mlflow = start_parent_run(cfg, cluster=opts.cluster, tags={**tags, **nest}, reopen=reopen)
         own_synth = with_synth and synth_done_by is None
         plan = build_plan(cfg, opts, with_synth=own_synth, parent_run_id=mlflow and mlflow["parent_run_id"],
                           tags=tags)

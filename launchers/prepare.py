@@ -59,6 +59,10 @@ class LaunchOptions:
     """USR2 this long before the time limit: the trainer saves a checkpoint and the job is requeued."""
     max_timeouts: int = 3
     """Requeues after a time limit, per job (preemptions are not counted)."""
+    gpu: str | None = None
+    """The GPU part the memory check plans for (``storms plan --gpu``): h100, h200, a100, b200; default h100."""
+    plan_check: bool = True
+    """Run ``storms plan`` on every training stage first and refuse a job that cannot fit."""
 
     def __post_init__(self):
         if self.cluster not in CLUSTERS:
@@ -81,6 +85,8 @@ class LaunchOptions:
         if self.cluster != "slurm" and self.nodes > 1:
             raise LaunchError(f"--nodes {self.nodes}: the {self.cluster} executor runs on this machine only; "
                               "use --cluster slurm")
+        if self.gpu is not None and self.gpu not in ("h100", "h200", "a100", "b200"):
+            raise LaunchError(f"--gpu: expected one of h100, h200, a100, b200, got {self.gpu!r}")
         parse_time_minutes(self.time)  # validates
 
     @property
@@ -255,6 +261,41 @@ def check_cluster(opts: LaunchOptions, *, dry_run: bool) -> None:
                              check=False)
         if out.returncode != 0 or not out.stdout.strip():
             raise LaunchError(f"--partition {opts.partition}: no such partition (see `sinfo -s`)")
+
+
+def _mem_gib(text: str | None) -> float | None:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)B?", (text or "").strip().upper())
+    if not match:
+        return None
+    return float(match[1]) * {"": 1 / 1024, "K": 2**-20, "M": 1 / 1024, "G": 1, "T": 1024}[match[2]]
+
+
+def check_fits(cfg, opts: LaunchOptions, *, with_stage0: bool) -> None:
+    """``storms plan`` for every training stage of the pipeline on the job's resources: a stage whose planned
+    peak exceeds the device's usable memory is refused here, in one line, instead of dying of OOM in the queue."""
+    if not opts.plan_check:
+        return
+    from storms_dist.scale.plan import GiB, make_plan, plan_config_for_run
+
+    memory = None
+    if not opts.gpus_per_node:  # CPU ranks share the node's memory: --mem, else this machine's
+        per_node = _mem_gib(opts.mem)
+        memory = per_node / opts.ranks_per_node if per_node else None
+    for stage in ((0,) if with_stage0 else ()) + (1, 2):
+        try:
+            plan = make_plan(plan_config_for_run(cfg, nodes=opts.nodes, gpus_per_node=opts.gpus_per_node,
+                                                 gpu=opts.gpu, stage=stage, memory_gib=memory))
+        except ValueError as e:
+            raise LaunchError(f"storms plan: {e}") from None
+        if not plan.fits:
+            c = plan.cfg
+            raise LaunchError(
+                f"stage{stage} cannot fit: storms plan puts its peak at {plan.memory['peak'] / GiB:.1f} GiB per "
+                f"{'GPU' if opts.gpus_per_node else 'rank'} ({c.gpu}, {c.nodes}x{c.gpus_per_node}, ZeRO-{c.zero}, "
+                f"micro-batch {c.micro_batch}) but {plan.usable_bytes / GiB:.1f} GiB are usable; largest micro-batch "
+                f"that fits: {plan.max_micro_batch} (more nodes, deepspeed.offload_optimizer, "
+                f"model.activation_checkpointing or a smaller stage{stage}.micro_batch_size; `storms plan --backbone "
+                f"{c.backbone}` shows the breakdown, --no-plan-check submits anyway)")
 
 
 # ---- the stage plan ----

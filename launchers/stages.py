@@ -271,6 +271,11 @@ class StageJob(submitit.helpers.Checkpointable):
                 del trainer
                 gc.collect()
 
+    def _run_throughput(self) -> dict:
+        from storms_dist.scale.study import run_throughput_point  # storms study's measured point
+
+        return run_throughput_point(self.spec)
+
     def _run_eval(self) -> dict:
         from storms_dist.pipeline import run_eval
         from storms_dist.tracking import Tracker

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_thoughts_parser(sub)
     add_launch_parser(sub)
+    from storms_dist.scale.cli import add_plan_parser, add_study_parser
+
+    add_plan_parser(sub)
+    add_study_parser(sub)
 
     p = sub.add_parser("infer", help="answer one question about one video with the latent rollout",
                        description="Prefill video + question, K latent steps, forced <|latent_end|>, greedy answer.")
@@ -286,9 +290,18 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def _scale(name: str):
+    def run(args) -> int:  # storms plan / storms study live in storms_dist/scale/cli.py
+        from storms_dist.scale import cli
+
+        return getattr(cli, name)(args)
+
+    return run
+
+
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "targets": cmd_targets, "train": cmd_train, "eval": cmd_eval,
             "export": cmd_export, "infer": cmd_infer, "score": cmd_score, "data": cmd_data,
-            "thoughts": cmd_thoughts, "launch": cmd_launch}
+            "thoughts": cmd_thoughts, "launch": cmd_launch, "plan": _scale("cmd_plan"), "study": _scale("cmd_study")}
 
 
 def main(argv: list[str] | None = None) -> int:

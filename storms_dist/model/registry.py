@@ -29,6 +29,9 @@ class BackboneSpec:
     lm_keys: tuple[str, ...] = ("model.language_model.",)
     num_params_b: float | None = None
     """Nominal size in billions, for scaling-study tables."""
+    published_config: dict[str, Any] | None = None
+    """The shape fields of the checkpoint's published config.json (text_config / vision_config), so that
+    ``storms plan`` can build the architecture on the meta device without hub access. Not used for loading."""
 
     def group_of(self, param_name: str) -> ModuleGroup:
         # specific keys first: the merger sits under the vision prefix, the embeddings under the LM prefix
@@ -104,13 +107,48 @@ def _tiny(family: Family, size: str, *, hidden: int, num_layers: int, vision_dep
 for _family in ("qwen2_5_vl", "qwen3_vl"):
     register(_tiny(_family, "tiny", hidden=128, num_layers=4, vision_depth=4))
     register(_tiny(_family, "micro", hidden=64, num_layers=2, vision_depth=2))
+# Wider / deeper random-init shapes for CPU scaling studies and the planner's validation (issue 10): one grows the
+# width (activations and matmuls), the other the depth (layers, per-layer gathers).
+register(_tiny("qwen2_5_vl", "wide", hidden=256, num_layers=4, vision_depth=4))
+register(_tiny("qwen2_5_vl", "deep", hidden=128, num_layers=12, vision_depth=4))
+
+
+def _text(hidden, layers, heads, kv, inter, vocab, tied, head_dim=None):
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tied,
+                **({"head_dim": head_dim} if head_dim else {}))
+
+
+# Published config.json shape fields (Hugging Face model cards' config.json of each -Instruct checkpoint).
+_Q25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+_Q25_TEXT = {"3B": _text(2048, 36, 16, 2, 11008, 151936, True), "7B": _text(3584, 28, 28, 4, 18944, 152064, False),
+             "32B": _text(5120, 64, 40, 8, 27648, 152064, False), "72B": _text(8192, 80, 64, 8, 29568, 152064, False)}
+_Q3_VISION_S = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[5, 11, 17])
+_Q3_VISION_L = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24])
+_Q3 = {"2B": (_text(2048, 28, 16, 8, 6144, 151936, True, 128), _Q3_VISION_S),
+       "4B": (_text(2560, 36, 32, 8, 9728, 151936, True, 128), _Q3_VISION_S),
+       "8B": (_text(4096, 36, 32, 8, 12288, 151936, False, 128), _Q3_VISION_L),
+       "32B": (_text(5120, 64, 64, 8, 25600, 151936, False, 128), _Q3_VISION_L)}
+
+
+def _published(text: dict, vision: dict) -> dict[str, Any]:
+    return dict(text_config=text, vision_config={**vision, "out_hidden_size": text["hidden_size"]},
+                tie_word_embeddings=text["tie_word_embeddings"])
+
 
 # Real checkpoints (clusters). Sizes are the published ones.
 for _size, _b in (("3B", 3.75), ("7B", 8.29), ("32B", 33.5), ("72B", 73.4)):
     register(BackboneSpec(name=f"qwen2_5_vl-{_size.lower()}", family="qwen2_5_vl",
                           checkpoint=f"Qwen/Qwen2.5-VL-{_size}-Instruct", vision_keys=_QWEN25_VISION,
-                          merger_keys=_QWEN25_MERGER, num_params_b=_b))
+                          merger_keys=_QWEN25_MERGER, num_params_b=_b,
+                          published_config=_published(_Q25_TEXT[_size], _Q25_VISION)))
 for _size, _b in (("2B", 2.1), ("4B", 4.4), ("8B", 8.8), ("32B", 33.4)):
     register(BackboneSpec(name=f"qwen3_vl-{_size.lower()}", family="qwen3_vl",
                           checkpoint=f"Qwen/Qwen3-VL-{_size}-Instruct", vision_keys=_QWEN3_VISION,
-                          merger_keys=_QWEN3_MERGER, num_params_b=_b))
+                          merger_keys=_QWEN3_MERGER, num_params_b=_b,
+                          published_config=_published(*_Q3[_size])))

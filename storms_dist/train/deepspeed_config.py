@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,14 @@ class DeepSpeedConfig:
     """ZeRO++ qwZ: int8-quantised weight all-gathers (multi-node bandwidth)."""
     zeropp_quantized_gradients: bool = False
     """ZeRO++ qgZ: quantised gradient reduce-scatter."""
+    zeropp_preset: Literal["none", "hpz", "hpz_qwz", "zeropp"] = "none"
+    """Named ZeRO++ settings for multi-node jobs (ZeRO-3 only): hpz = hpZ over the GPUs of a node (the
+    rollout's K+2 re-gathers stay on NVLink); hpz_qwz = + int8 weight gathers; zeropp = + int4 gradient
+    reduce-scatter (qgZ). The node size is the job's LOCAL_WORLD_SIZE. The zeropp_* fields must stay at their
+    defaults when a preset is chosen."""
+    autotp_size: int = 1
+    """DeepSpeed AutoTP degree (``tensor_parallel.autotp_size``): the decoder's linears are sharded over this many
+    ranks of a node (from the HF tp_plan), ZeRO partitions over world / autotp_size. 1 = off."""
     gather_latent_passes: bool = False
     """Keep the decoder's parameters gathered across the K+2 rollout passes (one all-gather instead of K+2);
     costs the memory of the full decoder on every rank while the rollout runs. ZeRO-3 only."""
@@ -40,8 +49,26 @@ class DeepSpeedConfig:
             raise ValueError(f"offload_params: parameter offload needs zero_stage 3, got zero_stage {self.zero_stage}")
         if self.zeropp_hpz_partition_size < 1:
             raise ValueError(f"zeropp_hpz_partition_size: expected >= 1, got {self.zeropp_hpz_partition_size}")
+        if self.zeropp_preset != "none" and (self.zero_stage != 3 or self.zeropp_hpz_partition_size != 1
+                                             or self.zeropp_quantized_weights or self.zeropp_quantized_gradients):
+            raise ValueError(f"zeropp_preset: {self.zeropp_preset!r} needs zero_stage 3 and the zeropp_* fields at "
+                             "their defaults (the preset sets them)")
+        if self.autotp_size < 1:
+            raise ValueError(f"autotp_size: expected >= 1, got {self.autotp_size}")
         if self.user_config is not None and not Path(self.user_config).is_file():
             raise ValueError(f"user_config: {self.user_config!r} does not exist (expected a DeepSpeed JSON file)")
+
+
+ZEROPP_PRESETS = {"none": (False, False, False), "hpz": (True, False, False), "hpz_qwz": (True, True, False),
+                  "zeropp": (True, True, True)}
+
+
+def zeropp_settings(cfg: DeepSpeedConfig, gpus_per_node: int) -> tuple[int, bool, bool]:
+    """(hpZ partition size, quantised weights, quantised gradients) after resolving the named preset."""
+    if cfg.zeropp_preset == "none":
+        return cfg.zeropp_hpz_partition_size, cfg.zeropp_quantized_weights, cfg.zeropp_quantized_gradients
+    hpz, qw, qg = ZEROPP_PRESETS[cfg.zeropp_preset]
+    return (gpus_per_node if hpz else 1), qw, qg
 
 
 def build_ds_config(
@@ -64,11 +91,13 @@ def build_ds_config(
             stage3_max_reuse_distance=cfg.stage3_max_reuse_distance,
             stage3_gather_16bit_weights_on_model_save=False,
         )
-    if cfg.zero_stage == 3 and cfg.zeropp_hpz_partition_size > 1:
-        zero["zero_hpz_partition_size"] = cfg.zeropp_hpz_partition_size
-    if cfg.zero_stage == 3 and cfg.zeropp_quantized_weights:
+    # the node size a preset's hpZ spans: torchrun and submitit export LOCAL_WORLD_SIZE for every rank
+    hpz, quantized_weights, quantized_gradients = zeropp_settings(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if cfg.zero_stage == 3 and hpz > 1:
+        zero["zero_hpz_partition_size"] = hpz
+    if cfg.zero_stage == 3 and quantized_weights:
         zero["zero_quantized_weights"] = True
-    if cfg.zero_stage == 3 and cfg.zeropp_quantized_gradients:
+    if cfg.zero_stage == 3 and quantized_gradients:
         zero["zero_quantized_gradients"] = True
     if cfg.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": cfg.offload_optimizer}
@@ -77,7 +106,8 @@ def build_ds_config(
     generated = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        # AutoTP ranks of one group see the same batch: the data-parallel size is world / autotp_size
+        "train_batch_size": micro_batch_size * grad_accum * (world_size // cfg.autotp_size),
         "gradient_clipping": optim.grad_clip,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
@@ -88,6 +118,7 @@ def build_ds_config(
             "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
                        "weight_decay": optim.weight_decay, "torch_adam": True},
         },
+        **({"tensor_parallel": {"autotp_size": cfg.autotp_size}} if cfg.autotp_size > 1 else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
