@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_tracking_server(tracking, runs_dir: Path) -> None:
+    from storms_dist.tracking import check_tracking_server as check
+
+    check(tracking, runs_dir)
+
+
 class UsageError(Exception):
     """A wrong combination of options: one line, exit status 2 (as argparse's own usage errors)."""
 
@@ -140,6 +146,7 @@ def cmd_demo(args) -> int:
 
     config = QUICK_CONFIG if args.quick and args.config == DEFAULT_CONFIG else args.config
     cfg = load_run_config(config, args.overrides)
+    check_tracking_server(cfg.tracking, Path(cfg.runs_dir))  # a server that is down: one line, before any job
     paths = run_demo(cfg)
     print(f"\nreport: {paths['markdown']}\nchart:  {paths['chart']}")
     return 0
@@ -184,6 +191,7 @@ def cmd_train(args) -> int:
         return 0
     if args.stage is None:
         raise UsageError("--stage is required (0, 1 or 2)")
+    check_tracking_server(cfg.tracking, Path(cfg.runs_dir))
     if args.nproc is not None:
         from storms_dist.config import replace
 
@@ -322,10 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     from storms_dist.config import ConfigError
     from storms_dist.data.manifest import ManifestError
     from storms_dist.data.video_io import VideoDecodeError
+    from storms_dist.tracking import TrackingServerUnavailable
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ManifestError, VideoDecodeError, UsageError) as e:
+    except (ConfigError, FileNotFoundError, ManifestError, VideoDecodeError, UsageError,
+            TrackingServerUnavailable) as e:
         print(f"storms {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -85,6 +85,38 @@ def resolve_tracking_uri(cfg: TrackingConfig, runs_dir: Path) -> str:
     return f"sqlite:///{(Path(runs_dir) / 'mlflow.db').resolve()}"
 
 
+class TrackingServerUnavailable(ConnectionError):
+    """The configured MLflow tracking server does not answer: raised before any job starts (one line)."""
+
+
+def check_tracking_server(cfg: TrackingConfig, runs_dir: Path, *, timeout_s: float = 10.0) -> str | None:
+    """For an ``http(s)://`` tracking URI, ask the server's ``/health`` endpoint; returns the URI checked (None for
+    a file or sqlite store, or tracking off). A server that is down would otherwise surface as a retry loop or a
+    traceback inside a training job, after the scheduler has already run it."""
+    import urllib.error
+    import urllib.request
+
+    if not cfg.enabled:
+        return None
+    uri = resolve_tracking_uri(cfg, runs_dir)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s) as response:  # noqa: S310 (http(s) only, above)
+            if response.status == 200:
+                return uri
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as e:
+        reason = f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise TrackingServerUnavailable(
+        f"tracking.tracking_uri {uri}: no MLflow server answers at {health} ({reason}); start one (mlflow server "
+        f"--host HOST --port PORT --backend-store-uri ...), or point tracking.tracking_uri / $MLFLOW_TRACKING_URI "
+        f"at a reachable server or a sqlite:/// file")
+
+
 def _sqlite_path(uri: str) -> Path | None:
     """Database file of a ``sqlite:///...`` URI, None for any other backend (or in-memory sqlite)."""
     prefix = "sqlite:///"
