@@ -7,6 +7,7 @@ Layout under ``<job>/checkpoints/``::
       meta/                  HF config, tokenizer, latent settings (for ``storms export``)
       rng_rank{r}.pt         every rank's RNG states
     latest                 "step000040": written last, with an atomic rename
+    universal/step000040/  DeepSpeed universal copy, made on demand when a run resumes on another world size
 
 A checkpoint is written into ``<tag>.tmp`` by every rank and renamed by rank 0 after a barrier, so a crash at any
 point leaves either the previous ``latest`` or the new one, never a half-written tag.
@@ -28,6 +29,7 @@ import torch
 from storms_dist.train.distributed import barrier
 
 LATEST_FILE = "latest"
+UNIVERSAL_DIR = "universal"  # world-size changes: DeepSpeed universal copies of the tags, converted on demand
 STATE_FILE = "trainer_state.json"
 META_DIR = "meta"
 """HF config + tokenizer + latent settings: enough to rebuild the model around consolidated weights."""
@@ -113,19 +115,63 @@ class CheckpointManager:
         for tag in tags[: -self.cfg.keep_last]:
             if tag != keep:
                 shutil.rmtree(self.directory / tag, ignore_errors=True)
+                shutil.rmtree(self.directory / UNIVERSAL_DIR / tag, ignore_errors=True)
 
     def load(self, engine, tag: str) -> dict[str, Any]:
-        """Restore engine + this rank's RNG; returns the trainer state. Refuses a different world size."""
+        """Restore engine + this rank's RNG; returns the trainer state.
+
+        Same world size: exact (bit-for-bit) resume. Another world size (a Slurm requeue on other nodes): the
+        checkpoint is converted once to DeepSpeed's universal format (``universal/<tag>``, ``ds_to_universal``) and
+        loaded with ``load_universal``; the sampler position is carried over in samples (``reshard_sampler_state``)
+        and rank r takes the RNG state of old rank ``r % old_world_size``. The loss curve continues, but not
+        bit-for-bit: the global batch and the per-rank RNG streams change with the rank count.
+        """
         state = json.loads((self.directory / tag / STATE_FILE).read_text())
-        if state["world_size"] != self.world_size:
-            raise RuntimeError(
-                f"{self.directory / tag}: saved with world size {state['world_size']}, this run has "
-                f"{self.world_size}; exact resume needs the same number of ranks (the data order and RNG streams "
-                f"are per rank). Resume with {state['world_size']} ranks, or export this checkpoint "
-                f"(storms export) and start a new stage from it.")
-        load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        old_world = state["world_size"]
+        if old_world == self.world_size:
+            source, universal = self.directory, False
+        else:
+            source, universal = self.universal_copy(tag).parent, True
+        engine._config.load_universal_checkpoint = universal  # read by engine.load_checkpoint (DeepSpeed >= 0.14.5)
+        try:
+            load_path, _ = engine.load_checkpoint(str(source), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        finally:
+            engine._config.load_universal_checkpoint = False
         if load_path is None:
-            raise RuntimeError(f"{self.directory / tag}: DeepSpeed could not load this checkpoint")
-        set_rng_state(torch.load(self.directory / tag / f"rng_rank{self.rank}.pt", weights_only=False))
+            raise RuntimeError(f"{source / tag}: DeepSpeed could not load this checkpoint")
+        rng_rank = self.rank % old_world
+        set_rng_state(torch.load(self.directory / tag / f"rng_rank{rng_rank}.pt", weights_only=False))
+        if universal:
+            state["sampler"] = reshard_sampler_state(state["sampler"], self.world_size)
+            state["resharded_from_world_size"] = old_world
         return state
+
+    def universal_copy(self, tag: str) -> Path:
+        """Collective: ``<dir>/universal/<tag>``, converted by rank 0 on first use (atomic rename), then shared."""
+        target = self.directory / UNIVERSAL_DIR / tag
+        if self.rank == 0 and not target.is_dir():
+            import subprocess
+            import sys
+
+            tmp = target.with_name(f"{tag}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            result = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                 str(self.directory / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                 "--num_merge_workers", "1"], capture_output=True, text=True)
+            if result.returncode != 0:
+                tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"{self.directory / tag}: conversion to a universal checkpoint failed: {tail[0]}")
+            os.replace(tmp, target)
+        barrier()
+        return target
+
+
+def reshard_sampler_state(state: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """A ``ShardedSampler`` position saved with another world size, in this one's batches: the samples consumed so
+    far in the epoch (``batch_in_epoch * micro * old_world``) rounded down to whole new global batches, so no sample
+    is skipped (up to one global batch is seen again)."""
+    consumed = state["batch_in_epoch"] * state["micro_batch_size"] * state["world_size"]
+    return {**state, "world_size": world_size,
+            "batch_in_epoch": consumed // (state["micro_batch_size"] * world_size)}
