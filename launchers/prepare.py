@@ -284,7 +284,8 @@ def check_fits(cfg, opts: LaunchOptions, *, with_stage0: bool) -> None:
     for stage in ((0,) if with_stage0 else ()) + (1, 2):
         try:
             plan = make_plan(plan_config_for_run(cfg, nodes=opts.nodes, gpus_per_node=opts.gpus_per_node,
-                                                 gpu=opts.gpu, stage=stage, memory_gib=memory))
+                                                 gpu=opts.gpu, stage=stage, memory_gib=memory,
+                                                 ranks_per_node=opts.ranks_per_node))
         except ValueError as e:
             raise LaunchError(f"storms plan: {e}") from None
         if not plan.fits:

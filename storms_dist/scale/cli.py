@@ -49,7 +49,13 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_plan(args) -> int:
     from storms_dist.model.registry import backbone_names
-    from storms_dist.scale.plan import SUMMARY_HEADER, PlanConfig, format_plan, make_plan, summary_row
+    from storms_dist.scale.plan import (
+        SUMMARY_HEADER,
+        PlanConfig,
+        format_plan,
+        make_plan,
+        summary_row,
+    )
 
     def config(backbone: str) -> PlanConfig:
         hpz = args.hpz if args.hpz is not None else (args.gpus_per_node if args.nodes > 1 and args.zero == 3 else 1)
@@ -144,7 +150,8 @@ def _looks_like_spec(path: str) -> bool:
     import yaml
 
     try:
-        data = yaml.safe_load(open(path)) or {}
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
     except OSError as e:
         raise FileNotFoundError(f"{path}: {e.strerror}") from None
     return isinstance(data, dict) and bool({"sweep", "kind", "throughput", "config", "launch"} & set(data)) \

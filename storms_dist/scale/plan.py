@@ -63,8 +63,9 @@ def _local_memory_gib() -> float:
 GPUS = ("h100", "h200", "a100", "b200", "cpu")
 
 VALIDATION = ("validated on 2-core CPU runs (fp32, ZeRO-3, 1 rank) of qwen2_5_vl-micro/-tiny/-wide/-deep: "
-              "predicted peak within {err:.0%} of measured (docs/benchmarks.md, 2026-12-01)")
-VALIDATED_ERROR = 0.25
+              "predicted peak within {err:.0%} of measured, -2..-7% except a process's first point "
+              "(docs/benchmarks.md, 2026-12-01)")
+VALIDATED_ERROR = 0.20
 """The largest |planned - measured| / measured the CPU study may show (tests/test_plan.py::test_plan_matches_
 measured_peak_memory asserts it on fresh runs)."""
 
@@ -176,7 +177,9 @@ def sequence_tokens(shape: Shape, cfg: PlanConfig) -> dict[str, int]:
 # ---- memory ----
 def model_state_bytes(shape: Shape, cfg: PlanConfig) -> dict[str, float]:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+    )
 
     p = shape.params
     trainable = p["embed"] + p["lm"] + (p["vision"] + p["merger"] if cfg.train_vision else 0)
@@ -351,7 +354,8 @@ def make_plan_memory(cfg: PlanConfig) -> dict[str, float]:
 
 # ---- from a run config ----
 def plan_config_for_run(cfg, *, nodes: int, gpus_per_node: int, gpu: str | None, stage: int = 2,
-                        memory_gib: float | None = None, height: int = 720, width: int = 1280) -> PlanConfig:
+                        memory_gib: float | None = None, height: int = 720, width: int = 1280,
+                        ranks_per_node: int | None = None) -> PlanConfig:
     """The plan of one stage of a run config on the given resources (what ``storms launch`` checks)."""
     stage_cfg = cfg.stage(stage)
     ds = cfg.deepspeed
@@ -361,7 +365,8 @@ def plan_config_for_run(cfg, *, nodes: int, gpus_per_node: int, gpu: str | None,
     offload = "param" if ds.offload_params != "none" else ("optimizer" if ds.offload_optimizer != "none" else "none")
     dtype = cfg.model.dtype if cfg.model.dtype in ("bf16", "fp32") else ("bf16" if on_gpu else "fp32")
     hpz, qw, qg = resolved_zeropp(ds, gpus_per_node or 1)
-    return PlanConfig(backbone=cfg.model.backbone, nodes=nodes, gpus_per_node=max(gpus_per_node, 1),
+    # without GPUs the ranks of a node are CPU processes sharing its memory
+    return PlanConfig(backbone=cfg.model.backbone, nodes=nodes, gpus_per_node=gpus_per_node or ranks_per_node or 1,
                       gpu=(gpu or "h100") if on_gpu else "cpu", frames=frames, height=height, width=width, max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels, k=k,
                       mode=stage_cfg.mode, zero=ds.zero_stage, offload=offload,
                       micro_batch=stage_cfg.micro_batch_size, grad_accum=stage_cfg.grad_accum, dtype=dtype,

@@ -104,7 +104,7 @@ def load_study(path: str | None, *, config: str | None = None, sweeps: list[str]
         data = yaml.safe_load(Path(path).read_text()) or {}
         unknown = set(data) - {f.name for f in fields(StudySpec)}
         if unknown:
-            raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r}; valid keys: "
+            raise ValueError(f"{path}: unknown key {min(unknown)!r}; valid keys: "
                              f"{', '.join(f.name for f in fields(StudySpec))}")
     if config is not None:
         data["config"] = config
@@ -122,7 +122,7 @@ def load_study(path: str | None, *, config: str | None = None, sweeps: list[str]
     tp = {**data.get("throughput", {}), **{k: v for k, v in throughput.items() if v is not None}}
     unknown = set(tp) - {f.name for f in fields(ThroughputConfig)}
     if unknown:
-        raise ValueError(f"throughput: unknown key {sorted(unknown)[0]!r}; valid keys: "
+        raise ValueError(f"throughput: unknown key {min(unknown)!r}; valid keys: "
                          f"{', '.join(f.name for f in fields(ThroughputConfig))}")
     data["throughput"] = ThroughputConfig(**tp)
     return StudySpec(**data)
@@ -141,7 +141,8 @@ def provenance() -> dict[str, str]:
                            capture_output=True, text=True, check=False).stdout.strip()
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
@@ -233,7 +234,7 @@ def run_throughput_point(spec: dict[str, Any]) -> dict[str, Any]:
     from storms_dist.launchers.stages import export_distributed_env
     from storms_dist.scale.plan import make_plan, plan_config_for_run
     from storms_dist.tracking import Tracker
-    from storms_dist.train.trainer import TrainJob, Trainer
+    from storms_dist.train.trainer import Trainer, TrainJob
 
     export_distributed_env()
     tp = ThroughputConfig(**spec["throughput"])
@@ -249,7 +250,7 @@ def run_throughput_point(spec: dict[str, Any]) -> dict[str, Any]:
             time.sleep(0.2)
     res = spec["resources"]
     plan = make_plan(plan_config_for_run(cfg, nodes=res["nodes"], gpus_per_node=res["gpus_per_node"], gpu=res["gpu"],
-                                         height=tp.height, width=tp.width))
+                                         height=tp.height, width=tp.width, ranks_per_node=res["ranks_per_node"]))
     tracker = Tracker(cfg.tracking, Path(cfg.runs_dir), is_main_process=rank == 0)
     tags = {"study_id": spec["study_id"], "study_point": spec["point_name"], "study_kind": "throughput",
             **{f"point.{k}": str(v) for k, v in spec["point"].items()}}
@@ -259,15 +260,18 @@ def run_throughput_point(spec: dict[str, Any]) -> dict[str, Any]:
                         "resources.world_size": world, "resources.gpu": res["gpu"]})
     # host-side one-offs (process group + shm op, tokenizer, model classes) happen before the measurement starts:
     # the planner predicts device memory, which they are not part of
+    import deepspeed.runtime.engine
+    import deepspeed.runtime.zero.stage3  # noqa: F401
+    import torch._dynamo
+
     from storms_dist.model.build import _hf_classes, build_tokenizer
     from storms_dist.train.distributed import init_distributed
-
-    import deepspeed.runtime.engine  # noqa: F401  (module import: tens of MB, once per process)
-    import deepspeed.runtime.zero.stage3  # noqa: F401
 
     init_distributed(timeout_s=cfg.robustness.dist_timeout_s)
     build_tokenizer(None)
     _hf_classes(plan.shape.family)
+    _warm_decoder(cfg)
+    _warm_autograd()
     memory = PeakMemory()
     memory.start()
     history: list[dict] = []
@@ -308,6 +312,30 @@ def run_throughput_point(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _warm_decoder(cfg) -> None:
+    """Decode one clip: the codec libraries' first-use allocations are host memory, outside the plan."""
+    from storms_dist.data.dataset import load_video_inputs
+    from storms_dist.data.manifest import read_manifest
+    from storms_dist.data.preprocess import VisionSpec
+    from storms_dist.model.registry import get_backbone
+    from storms_dist.scale.shapes import _hf_config
+
+    sample = read_manifest(cfg.data.manifest_path("train"))[0]
+    spec = VisionSpec.from_hf_config(_hf_config(get_backbone(cfg.model.backbone))[0])
+    load_video_inputs(sample.root / sample.video, spec, cfg.data)
+
+
+def _warm_autograd() -> None:
+    """One tiny backward + AdamW step + SDPA call: autograd's worker threads and the kernels' first-use buffers."""
+    import torch
+
+    layer = torch.nn.Linear(16, 16)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    x = layer(torch.randn(2, 4, 16)).view(2, 1, 4, 16)
+    torch.nn.functional.scaled_dot_product_attention(x, x, x).sum().backward()
+    optimizer.step()
+
+
 def summarize(history: list[dict], *, tp: ThroughputConfig, world: int, status: str) -> dict[str, float]:
     if status != "ok" or not history:
         return {}
@@ -330,7 +358,11 @@ def study_id_for(name: str) -> str:
 
 def run_study(spec: StudySpec, *, dry_run: bool = False, out=None) -> dict[str, Any]:
     """Validate every point, open the parent run, submit the points (slurm: at once; local/debug: in turn)."""
-    from storms_dist.launchers.prepare import LaunchOptions, StagePlan, load_resolved_config
+    from storms_dist.launchers.prepare import (
+        LaunchOptions,
+        StagePlan,
+        load_resolved_config,
+    )
 
     out = out or sys.stdout
     base_launch = {k: v for k, v in spec.launch.items() if k != "gpu"}
@@ -358,19 +390,29 @@ def run_study(spec: StudySpec, *, dry_run: bool = False, out=None) -> dict[str, 
             continue
         from storms_dist.config import to_dict
 
-        res = {"nodes": opts.nodes, "gpus_per_node": opts.gpus_per_node, "gpu": gpu}
+        res = {"nodes": opts.nodes, "gpus_per_node": opts.gpus_per_node, "gpu": gpu, "ranks_per_node": opts.ranks_per_node}
         job_spec = {"kind": "throughput", "stage": name, "run_dir": str(run_dir), "out_dir": str(run_dir),
                     "config": to_dict(cfg), "throughput": asdict(tp), "study_id": study_id, "point": point,
                     "point_name": name, "parent_run_id": parent, "resources": res}
         stage = StagePlan(name, "throughput", job_spec, nodes=opts.nodes, tasks_per_node=opts.ranks_per_node,
                           gpus_per_node=opts.gpus_per_node, cpus_per_task=opts.cpus, out_dir=str(run_dir))
         print(f"[{i}/{len(prepared)}] {name}: {opts.world_size} rank(s), {tp.warmup}+{tp.steps} steps, "
-              f"{tp.frames} frames {tp.height}x{tp.width}", file=out, flush=True)
+              f"{tp.frames} frames {tp.height}x{tp.width}; {_plan_line(cfg, res, tp)}", file=out, flush=True)
         results.append(_submit_throughput(stage, opts, run_dir, name, dry_run, out))
     if parent is not None and cluster != "slurm":
         _end_parent(spec, prepared[0][4], parent)
     return {"study_id": study_id, "parent_run_id": parent, "points": results,
             "tracking": prepared[0][4].tracking, "runs_dir": prepared[0][4].runs_dir}
+
+
+def _plan_line(cfg, res: dict, tp: ThroughputConfig) -> str:
+    from storms_dist.scale.plan import GiB, make_plan, plan_config_for_run
+
+    plan = make_plan(plan_config_for_run(cfg, nodes=res["nodes"], gpus_per_node=res["gpus_per_node"], gpu=res["gpu"],
+                                         height=tp.height, width=tp.width, ranks_per_node=res["ranks_per_node"]))
+    return (f"plan: peak {plan.memory['peak'] / GiB:.2f} GiB per {plan.cfg.gpu} rank, "
+            f"{'fits' if plan.fits else 'DOES NOT FIT (kept: the point reports oom)'}, step >= "
+            f"{plan.time_s['lower_bound']:.3g} s")
 
 
 def _start_parent(spec: StudySpec, study_id: str, cfg) -> str | None:

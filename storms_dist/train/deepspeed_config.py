@@ -106,8 +106,7 @@ def build_ds_config(
     generated = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        # AutoTP ranks of one group see the same batch: the data-parallel size is world / autotp_size
-        "train_batch_size": micro_batch_size * grad_accum * (world_size // cfg.autotp_size),
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
         "gradient_clipping": optim.grad_clip,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
@@ -122,6 +121,10 @@ def build_ds_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.autotp_size > 1:
+        # DeepSpeed 0.19.8 checks train_batch_size against all ranks when it first reads the config and against
+        # the data-parallel ranks once AutoTP has built its groups; left out, it derives it each time
+        del generated["train_batch_size"]
     if cfg.user_config is None:
         return generated
     user = json.loads(Path(cfg.user_config).read_text())
