@@ -64,6 +64,8 @@ def storms_command(stage: StagePlan) -> str:
     if stage.kind == "eval":
         e = spec["eval"]
         return f"storms eval {config} --model {shlex.quote(e['export'])} --out {shlex.quote(e['out_dir'])}"
+    if stage.kind == "throughput":  # storms study: one measured point
+        return f"storms study {config} (throughput point {spec['point_name']} of study {spec['study_id']})"
     raise ValueError(f"stage {stage.name}: unknown kind {stage.kind!r}")
 
 
