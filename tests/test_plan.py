@@ -124,3 +124,19 @@ def test_cluster_config_loads_and_its_plan_comment_is_current(path):
 
 def test_cluster_configs_cover_every_published_qwen2_5_size():
     assert {p.stem for p in CLUSTER} >= {"qwen2_5_vl-3b", "qwen2_5_vl-7b", "qwen2_5_vl-32b", "qwen2_5_vl-72b"}
+
+
+def test_launch_refuses_a_job_that_cannot_fit_in_one_line(capsys):
+    from storms_dist.cli import main
+
+    config = str(ROOT / "configs/cluster/qwen2_5_vl-72b.yaml")
+    assert main(["launch", config, "--nodes", "1", "--gpus-per-node", "8", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("storms launch: error: stage1 cannot fit: storms plan puts its peak at ")
+    assert "largest micro-batch that fits: 0" in err and err.count("\n") == 1
+    # the same job on its planned 4 nodes passes the memory check (and stops later, at the placeholder data.root)
+    assert main(["launch", config, "--nodes", "4", "--gpus-per-node", "8", "--gpu", "h200", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot fit" not in err and "data.root" in err
+    assert main(["launch", config, "--nodes", "1", "--gpus-per-node", "8", "--no-plan-check", "--dry-run"]) == 2
+    assert "cannot fit" not in capsys.readouterr().err

@@ -106,3 +106,17 @@ def test_bad_study_input_is_one_line(tmp_path, capsys):
     assert main(["study", str(ROOT / "configs/study/cpu_base.yaml"), "--sweep", "throughput.fps=1,2"]) == 2
     err = capsys.readouterr().err
     assert "sweep.throughput.fps: unknown throughput key" in err and err.count("\n") == 1
+
+
+def test_pipeline_study_dry_run_submits_one_pipeline_per_point(tmp_path, capsys):
+    from storms_dist.cli import main
+
+    code = main(["study", str(ROOT / "configs/demo/synth_quick.yaml"), "--kind", "pipeline", "--cluster", "slurm",
+                 "--sweep", "model.num_latents=0,4", "--dry-run", f"runs_dir={tmp_path}",
+                 f"data.root={tmp_path / 'data'}"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "2 pipeline point(s) on slurm (dry run" in out
+    for k in (0, 4):
+        assert f"# ===== pipeline synth_quick-num_latents{k}" in out
+    assert out.count("stage2: sbatch") == 2

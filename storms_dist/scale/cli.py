@@ -116,6 +116,10 @@ def cmd_study(args) -> int:
     try:
         if args.target == "report":
             return _report(args)
+        if args.study_id is not None:  # the optional positional took the first KEY=VALUE override
+            if "=" not in args.study_id:
+                raise ValueError(f"unexpected argument {args.study_id!r} (a STUDY_ID goes with 'report' only)")
+            args.overrides = [args.study_id, *args.overrides]
         from storms_dist.scale.study import load_study, run_study
 
         is_spec = args.target.endswith((".yaml", ".yml")) and _looks_like_spec(args.target)

@@ -67,15 +67,15 @@ def plots(points, out_dir: Path) -> list[Path]:
     size = "metrics.study.num_params_b"
 
     def figure(name, ycol, ylabel, group="params.resources.world_size", xcol=size, xlabel="parameters (B)",
-               extra=None):
+               extra=None, label="{} rank(s)"):
         if ycol not in ok or ok[ycol].isna().all():
             return
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for key, part in ok.groupby(group) if group in ok else [("all", ok)]:
             part = part.sort_values(xcol)
-            ax.plot(part[xcol].astype(float), part[ycol].astype(float), "o-", label=f"{key} rank(s)")
-        if extra is not None:
-            extra(ax)
+            line, = ax.plot(part[xcol].astype(float), part[ycol].astype(float), "o-", label=label.format(key))
+            if extra is not None:
+                extra(ax, part, xcol, line.get_color())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -89,15 +89,13 @@ def plots(points, out_dir: Path) -> list[Path]:
     figure("tokens_per_s_per_device_vs_size", "metrics.study.tokens_per_s_per_device", "tokens/s per device")
     figure("mfu_vs_size", "metrics.study.mfu", "MFU")
 
-    def planned(ax):
-        part = ok.sort_values("params.throughput.frames")
+    def planned(ax, part, xcol, color):  # the planner's prediction for the same points, dashed
         if "metrics.study.plan_peak_gib" in part:
-            ax.plot(part["params.throughput.frames"].astype(float), part["metrics.study.plan_peak_gib"].astype(float), "x--",
-                    label="planned")
+            ax.plot(part[xcol].astype(float), part["metrics.study.plan_peak_gib"].astype(float), "x--", color=color)
 
     if "params.throughput.frames" in ok:
         figure("memory_vs_frames", "metrics.study.peak_mem_gib", "peak memory (GiB)", group="params.model.backbone",
-               xcol="params.throughput.frames", xlabel="frames", extra=planned)
+               xcol="params.throughput.frames", xlabel="frames (dashed: storms plan)", extra=planned, label="{}")
     if "metrics.accuracy" in points and points["metrics.accuracy"].notna().any():
         figure("accuracy_vs_size", "metrics.accuracy", "accuracy", group="params.model.num_latents")
     return made
