@@ -14,7 +14,7 @@ records its error and the next one runs. Targets (issue 12) are checked where me
 
 Install (GPU, unless ``--no-install``): when ``nvidia-smi`` sees a GPU but the installed torch has no CUDA, it
 reinstalls torch 2.13.0 from PyPI (the CUDA build; constraints.txt's CPU pin is dropped for this one call), then
-``pip install -e '.[triton,dali]'``, and re-runs itself. flash-attn is built only with ``--flash-attn`` (an nvcc
+``pip install -e '.[triton,dali,liger]'`` (skipped when all of it is already there), and re-runs itself. flash-attn is built only with ``--flash-attn`` (an nvcc
 build of many minutes; the FA2 comparisons are skipped without it).
 """
 
@@ -72,6 +72,10 @@ def install(args) -> None:
     if importlib.util.find_spec("torch"):
         torch_cuda = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(not torch.cuda.is_available())"],
                                     capture_output=True).returncode == 0
+    have = all(importlib.util.find_spec(m) for m in ("storms_dist", "triton", "liger_kernel", "nvidia"))
+    if torch_cuda and have and not args.flash_attn:
+        print("[install] CUDA torch and the extras are already installed: nothing to install", flush=True)
+        return  # also keeps an offline GPU box working
     env = dict(os.environ)
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     if not torch_cuda:
@@ -83,7 +87,7 @@ def install(args) -> None:
                               if not line.startswith("torch==")))  # the CPU torch pin is for the CPU machines
     constraints.close()
     env["PIP_CONSTRAINT"] = constraints.name
-    subprocess.run(pip + ["-e", f"{REPO}[triton,dali]"], check=True, env=env)
+    subprocess.run(pip + ["-e", f"{REPO}[triton,dali,liger]"], check=True, env=env)
     if args.flash_attn:
         subprocess.run(pip + ["--no-build-isolation", "flash-attn"], check=False, env=env)
 
