@@ -62,7 +62,7 @@ if triton_available():
     def _video_to_patches_kernel(X, MEAN, STD, OUT, T, num_rows, num_cols, grid_hb, grid_wb,
                                  stride_xt, stride_xc, stride_xh, stride_xw,
                                  TPS: tl.constexpr, PATCH: tl.constexpr, MERGE: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, EXACT_DIV: tl.constexpr):
+                                 BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
         """One (row block, feature block) tile of the output: gather uint8 pixels, normalise, store."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -86,10 +86,8 @@ if triton_available():
         mean = tl.load(MEAN + c, mask=cols < num_cols, other=0.0)
         std = tl.load(STD + c, mask=cols < num_cols, other=1.0)
         centred = pixel - mean[None, :]
-        if EXACT_DIV:  # IEEE-rounded like torch's division (the default GPU division is approximate)
-            value = tl.math.div_rn(centred, tl.broadcast_to(std[None, :], centred.shape))
-        else:
-            value = centred / std[None, :]
+        # IEEE round-to-nearest like torch's division (Triton's default fp32 division on GPUs is approximate)
+        value = tl.math.div_rn(centred, tl.broadcast_to(std[None, :], centred.shape))
         tl.store(OUT + rows[:, None] * num_cols + cols[None, :], value.to(OUT.dtype.element_ty), mask=ok)
 
 
@@ -105,8 +103,7 @@ def _triton_video_to_patches(frames_TCHW: torch.Tensor, spec, out_dtype: torch.d
     grid = (triton.cdiv(num_rows, block_r), triton.cdiv(num_cols, block_f))
     _video_to_patches_kernel[grid](frames_TCHW, mean_C, std_C, out, num_frames, num_rows, num_cols,
                                    grid_h // merge, grid_w // merge, *frames_TCHW.stride(),
-                                   TPS=tps, PATCH=patch, MERGE=merge, BLOCK_R=block_r, BLOCK_F=block_f,
-                                   EXACT_DIV=frames_TCHW.device.type == "cuda")
+                                   TPS=tps, PATCH=patch, MERGE=merge, BLOCK_R=block_r, BLOCK_F=block_f)
     return out, torch.tensor([grid_t, grid_h, grid_w], dtype=torch.long)
 
 
