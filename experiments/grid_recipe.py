@@ -22,7 +22,7 @@ from storms_dist.targets import standardization
 
 
 def data_cfg(root: str) -> DataConfig:
-    return DataConfig(root=root, min_pixels=784, max_pixels=784, prompt="verbatim",
+    return DataConfig(root=root, min_pixels=784, max_pixels=784, prompt="verbatim", system_prompt=False,
                       frames=FrameSamplingConfig(fps=8.0, num_frames=None, min_frames=2, max_frames=16))
 
 
@@ -77,6 +77,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-embed", action="store_true")
     p.add_argument("--variants", default="")
+    p.add_argument("--minimal-prompt", action="store_true", help="the question alone (no options/instruction lines)")
+    p.add_argument("--merger-scale", type=float, default=None, help="multiply the merger's last linear at init")
+    p.add_argument("--norm-init", type=float, default=None, help="final RMSNorm weight at init (output scale)")
     p.add_argument("--init", default=None)
     p.add_argument("--save", default=None)
     p.add_argument("--method", default="sft_k0", choices=("sft_k0", "storms", "stage1_only", "stage2_only"))
@@ -87,11 +90,33 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    if args.minimal_prompt:
+        import storms_dist.data.dataset as dataset_module
+        import storms_dist.data.manifest as manifest_module
+
+        dataset_module.MC_INSTRUCTION = ""
+        original = manifest_module.read_manifest
+
+        def read_minimal(path, **kw):
+            samples = original(path, **kw)
+            for sample in samples:
+                sample.meta["prompt"] = sample.question
+            return samples
+
+        globals()["read_manifest"] = read_minimal
     tokenizer = build_tokenizer(None)
     model = build_model(ModelConfig(backbone="qwen2_5_vl-tiny", num_latents=args.k, align_weight=args.lam), tokenizer,
                         seed=args.seed)
     if args.init:
         model.backbone.load_state_dict(torch.load(args.init))
+    if args.merger_scale is not None:
+        with torch.no_grad():
+            last = model.backbone.model.visual.merger.mlp[-1]
+            last.weight.mul_(args.merger_scale)
+            last.bias.mul_(args.merger_scale)
+    if args.norm_init is not None:
+        with torch.no_grad():
+            model.backbone.model.language_model.norm.weight.fill_(args.norm_init)
     spec = VisionSpec.from_hf_config(model.backbone.config)
     cfg = data_cfg(args.root)
     letter_ids = {c: tokenizer.convert_tokens_to_ids(c) for c in OPTION_LETTERS}

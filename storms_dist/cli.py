@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes report.md/report.png under runs/NAME and logs everything to MLflow.")
     _config_args(p, required=False)
     p.add_argument("--quick", action="store_true", help=f"tiny budget for smoke tests ({QUICK_CONFIG})")
+    p.add_argument("--ablation", action="store_true",
+                   help="instead of the methods: STORMS with K in 4/8/16 and lambda in 0/0.1/1 from one Stage 0 "
+                        "(table + chart in RUN_DIR/ablation, logged to MLflow)")
 
     p = sub.add_parser("synth", help="generate the synthetic spatial-temporal benchmark with thought videos",
                        description="Render the procedural videos, questions and ground-truth thought videos into "
@@ -147,7 +150,12 @@ def cmd_demo(args) -> int:
     config = QUICK_CONFIG if args.quick and args.config == DEFAULT_CONFIG else args.config
     cfg = load_run_config(config, args.overrides)
     check_tracking_server(cfg.tracking, Path(cfg.runs_dir))  # a server that is down: one line, before any job
-    paths = run_demo(cfg)
+    if args.ablation:
+        from storms_dist.pipeline import run_ablation
+
+        paths = run_ablation(cfg)
+    else:
+        paths = run_demo(cfg)
     print(f"\nreport: {paths['markdown']}\nchart:  {paths['chart']}")
     return 0
 

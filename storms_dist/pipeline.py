@@ -131,9 +131,38 @@ def run_eval(tracker, export_dir: str, cfg: RunConfig, out_dir: Path, *, name: s
     return metrics
 
 
+def run_perception_eval(tracker, export_dir: str, cfg: RunConfig, out_dir: Path, *, parent_run_id: str | None,
+                        progress: bool = True) -> dict | None:
+    """Stage 0's perception accuracy on the perception val questions (None when the set has none)."""
+    from storms_dist.config import replace
+
+    manifest = "perception_val.jsonl"
+    if not (Path(cfg.data.root) / manifest).is_file():
+        return None
+    perception_cfg = replace(cfg, data=replace(cfg.data, val_manifest=manifest),
+                             eval=replace(cfg.eval, split="val", num_latency_items=0))
+    return run_eval(tracker, export_dir, perception_cfg, out_dir, name="stage0/perception_eval",
+                    parent_run_id=parent_run_id, tags={"method": "stage0"}, progress=progress)
+
+
+def stage0_hidden_rms(export_dir: str) -> float | None:
+    """RMS of the final RMSNorm's weight: the scale of the last-layer states the latents are (what targets meet)."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(export_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            key = next((k for k in f.keys() if k.endswith("language_model.norm.weight")), None)
+            if key is not None:
+                return float(f.get_tensor(key).float().pow(2).mean().sqrt())
+    return None
+
+
 # ---- the demo ----
 def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
+    from storms_dist.data.manifest import read_manifest
+    from storms_dist.eval import diagnostics
     from storms_dist.eval.report import print_table, write_report
+    from storms_dist.targets import TargetStore
     from storms_dist.tracking import Tracker
 
     started = time.time()
@@ -146,10 +175,21 @@ def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
         ensure_synth(cfg, progress=progress)
         results: dict[str, list[dict]] = {m: [] for m in cfg.demo.methods}
         latency: dict[str, list[dict]] = {m: [] for m in cfg.demo.methods}
+        by_horizon: dict[str, list[dict]] = {m: [] for m in cfg.demo.methods}
+        train_samples = read_manifest(cfg.data.manifest_path("train"))
+        eval_samples = read_manifest(cfg.data.manifest_path(cfg.eval.split))
+        perception_lines, target_lines = [], []
         for seed in cfg.demo.seeds:
             seed_cfg = with_seed(cfg, seed)
             seed_dir = run_dir / f"seed{seed}"
             stage0 = run_training(seed_cfg, stage0_job(seed_cfg, seed_dir, parent_id))
+            perception = run_perception_eval(tracker, stage0["export"], seed_cfg, seed_dir / "stage0" / "perception",
+                                             parent_run_id=parent_id, progress=progress)
+            if perception is not None:
+                per_type = ", ".join(f"{q.removeprefix('perception_')} {v['accuracy']:.1f}"
+                                     for q, v in perception["by_type"].items())
+                perception_lines.append(f"- seed {seed}: overall {perception['overall']['accuracy']:.1f} % "
+                                        f"({per_type})")
             for method in cfg.demo.methods:
                 jobs = method_jobs(seed_cfg, method, seed_dir=seed_dir, stage0_export=stage0["export"],
                                    targets_dir=seed_dir / "targets", parent_run_id=parent_id)
@@ -161,19 +201,108 @@ def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
                 results[method].append(metrics)
                 latency[method].append({"latency_ms_per_item": metrics["latency_ms_per_item"],
                                         "num_latents": metrics["num_latents"]})
+                by_horizon[method].append(diagnostics.accuracy_by_horizon(
+                    seed_dir / method / "eval" / "predictions.jsonl", eval_samples))
+                targets_dir = seed_dir / "targets"
+                if method == "storms" and (targets_dir / "stamp.json").is_file():
+                    store = TargetStore(targets_dir)
+                    with_targets = [s for s in train_samples if s.thought_video is not None]
+                    info = diagnostics.target_informativeness(
+                        store[[s.uid for s in with_targets]], with_targets,
+                        hidden_rms=stage0_hidden_rms(stage0["export"]))
+                    target_lines.append(f"- seed {seed}: {diagnostics.format_diagnostics(info)}")
         context = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
                    "date": time.strftime("%Y-%m-%d"), "backbone": cfg.model.backbone,
                    "num_latents": cfg.model.num_latents, "seeds": list(cfg.demo.seeds),
                    "steps": {"stage0": cfg.stage0.num_steps, "stage1": cfg.stage1.num_steps,
                              "stage2": cfg.stage2.num_steps},
                    "split": cfg.eval.split, "wall_time_min": round((time.time() - started) / 60, 1)}
-        paths = write_report(run_dir, results=results, latency=latency, qtypes=_qtypes(results),
-                             dynamics_qtypes=list(cfg.demo.dynamics_qtypes), context=context)
-        print_table(results=results, latency=latency, qtypes=_qtypes(results),
-                    dynamics_qtypes=list(cfg.demo.dynamics_qtypes))
+        baselines = {"chance": diagnostics.chance_by_type(eval_samples),
+                     **diagnostics.baseline_results(train_samples, eval_samples)}
+        sections = _report_sections(perception_lines, target_lines, by_horizon)
+        report = dict(results=results, latency=latency, qtypes=_qtypes(results),
+                      dynamics_qtypes=list(cfg.demo.dynamics_qtypes), baselines=baselines, sections=sections)
+        paths = write_report(run_dir, **report, context=context)
+        print_table(**report)
         for path in paths.values():
             tracker.log_artifact(path)
     return paths
+
+
+ABLATION_KS = (4, 8, 16)
+ABLATION_LAMBDAS = (0.0, 0.1, 1.0)
+
+
+def run_ablation(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
+    """STORMS I->II with K in ABLATION_KS (at the config's lambda) and lambda in ABLATION_LAMBDAS (at the config's K),
+    all from one Stage 0 checkpoint with the same step budget (paper Table 5); report in RUN_DIR/ablation."""
+    from storms_dist.config import replace
+    from storms_dist.eval.report import print_table, write_report
+    from storms_dist.tracking import Tracker
+
+    started = time.time()
+    seed = cfg.demo.seeds[0]
+    run_dir, seed_dir = cfg.run_dir, cfg.run_dir / f"seed{seed}"
+    out_dir = run_dir / "ablation"
+    seed_cfg = with_seed(cfg, seed)
+    settings = [(k, cfg.model.align_weight) for k in ABLATION_KS]
+    settings += [(cfg.model.num_latents, lam) for lam in ABLATION_LAMBDAS if lam != cfg.model.align_weight]
+    tracker = Tracker(cfg.tracking, Path(cfg.runs_dir), is_main_process=True)
+    results: dict[str, list[dict]] = {}
+    latency: dict[str, list[dict]] = {}
+    with tracker.run(f"{cfg.name}/ablation", tags={"pipeline": "ablation"}) as parent_id:
+        ensure_synth(cfg, progress=progress)
+        stage0 = run_training(seed_cfg, stage0_job(seed_cfg, seed_dir, parent_id))
+        for k, lam in settings:
+            name = f"K={k} λ={lam:g}"
+            setting_cfg = replace(seed_cfg, model=replace(seed_cfg.model, num_latents=k, align_weight=lam))
+            setting_dir = out_dir / f"k{k}_lambda{lam:g}"
+            for job in method_jobs(setting_cfg, "storms", seed_dir=setting_dir, stage0_export=stage0["export"],
+                                   targets_dir=seed_dir / f"targets_k{k}", parent_run_id=parent_id):
+                job.tags = {"method": "storms", "ablation": name}
+                summary = run_training(setting_cfg, job)
+            metrics = run_eval(tracker, summary["export"], setting_cfg, setting_dir / "eval", name=f"{name}/eval",
+                               parent_run_id=parent_id, tags={"ablation": name}, progress=progress)
+            results[name] = [metrics]
+            latency[name] = [{"latency_ms_per_item": metrics["latency_ms_per_item"], "num_latents": k}]
+        context = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+                   "date": time.strftime("%Y-%m-%d"), "backbone": cfg.model.backbone, "seed": seed,
+                   "steps": {"stage1": cfg.stage1.num_steps, "stage2": cfg.stage2.num_steps},
+                   "split": cfg.eval.split, "wall_time_min": round((time.time() - started) / 60, 1)}
+        report = dict(results=results, latency=latency, qtypes=_qtypes(results),
+                      dynamics_qtypes=list(cfg.demo.dynamics_qtypes), title="STORMS ablations (K, λ)")
+        paths = write_report(out_dir, **report, context=context)
+        print_table(**report)
+        for path in paths.values():
+            tracker.log_artifact(path)
+    return paths
+
+
+def _report_sections(perception_lines: list[str], target_lines: list[str],
+                     by_horizon: dict[str, list[dict]]) -> dict[str, list[str]]:
+    from storms_dist.eval.metrics import ci95, mean_std
+
+    sections = {}
+    if perception_lines:
+        sections["Stage 0 perception (perception val questions, accuracy %)"] = perception_lines
+    if target_lines:
+        sections["Thought-video targets (raw, before standardisation)"] = [
+            "variance_ratio = across-sample variance / mean square; probe = nearest-centroid accuracy % from the "
+            "target slot of the asked horizon to the answer (80/20 split of train; probe_majority beside it); "
+            "target_rms vs hidden_rms = the scale of what the latents are aligned to.", "", *target_lines]
+    buckets = list(dict.fromkeys(b for runs in by_horizon.values() for run in runs for b in run))
+    if buckets:
+        rows = ["| method | " + " | ".join(f"D {b}" for b in buckets) + " |",
+                "|---|" + "---:|" * len(buckets)]
+        for method, runs in by_horizon.items():
+            cells = []
+            for b in buckets:
+                values = [run[b] for run in runs if b in run]
+                mean, std = mean_std(values) if values else (float("nan"), 0.0)
+                cells.append(f"{mean:.1f}" + (f" ± {ci95(std, len(values)):.1f}" if len(values) > 1 else ""))
+            rows.append(f"| {method} | " + " | ".join(cells) + " |")
+        sections["Future-cell accuracy by horizon D (frames after the clip), %"] = rows
+    return sections
 
 
 def _qtypes(results: dict[str, list[dict]]) -> list[str]:

@@ -194,6 +194,12 @@ def test_pool_targets_not_divisible_first_groups_larger():
     torch.testing.assert_close((pooled * sizes[:, None]).sum(0) / 11, tokens.mean(0))
 
 
+def test_pool_targets_fewer_tokens_than_slots_repeats_each_state():
+    tokens = torch.arange(6.0).view(3, 2)
+    torch.testing.assert_close(pool_targets(tokens, 6), tokens[[0, 0, 1, 1, 2, 2]])
+    torch.testing.assert_close(pool_targets(tokens[:2], 8), tokens[[0, 0, 0, 0, 1, 1, 1, 1]])
+
+
 def test_pool_targets_errors():
     with pytest.raises(ValueError, match="cannot pool 3 visual tokens into 4 groups"):
         pool_targets(torch.zeros(3, 2), 4)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from storms_dist.eval.metrics import accuracy_by_type, mean_std
+from storms_dist.eval.metrics import accuracy_by_type, ci95, mean_std
 from storms_dist.eval.report import (
     DYNAMICS_AVG,
     OVERALL,
@@ -102,6 +102,13 @@ def test_accuracy_by_type_rejects_bad_input() -> None:
         accuracy_by_type([])
 
 
+def test_ci95_is_student_t_half_width() -> None:
+    # t(0.975, df) from tables: 12.706 (df 1), 2.776 (df 4); the report's "±" over 2 seeds is 8.98 std
+    assert ci95(math.sqrt(50), 2) == pytest.approx(12.706 * math.sqrt(50) / math.sqrt(2), rel=1e-4)
+    assert ci95(2.0, 5) == pytest.approx(2.776 * 2.0 / math.sqrt(5), rel=1e-3)
+    assert ci95(3.0, 1) == 0.0
+
+
 def test_mean_std_uses_sample_std() -> None:
     assert mean_std([42.0]) == (42.0, 0.0)
     mean, std = mean_std([1.0, 2.0, 3.0, 4.0])
@@ -126,14 +133,14 @@ def test_markdown_columns_bold_best_and_plus_minus() -> None:
     assert rows[0] == ["method", *QTYPES, DYNAMICS_AVG, OVERALL]
     by_method = {r[0]: dict(zip(rows[0][1:], r[1:])) for r in rows[1:]}
     assert list(by_method) == ["storms", "text_cot", "frames_only"]  # results order
-    assert by_method["storms"]["extrapolate"] == "**85.0 ± 7.1**"
+    assert by_method["storms"]["extrapolate"] == "**85.0 ± 63.5**"
     assert by_method["text_cot"]["extrapolate"] == "40.0 ± 0.0"
     assert by_method["text_cot"]["order"] == "**75.0 ± 0.0**" and by_method["storms"]["order"] == "70.0 ± 0.0"
     assert by_method["text_cot"]["static"] == "**95.0 ± 0.0**"
     # a tie at display precision bolds every tied method
     assert by_method["storms"]["count"] == "**60.0 ± 0.0**" and by_method["text_cot"]["count"] == "**60.0 ± 0.0**"
     assert by_method["frames_only"]["count"] == "20.0"  # one seed: no ± part
-    assert by_method["storms"][DYNAMICS_AVG] == "**66.2 ± 1.8**"
+    assert by_method["storms"][DYNAMICS_AVG] == "**66.2 ± 15.9**"
     # header context and the aggregation caption
     header = md[: md.index("## Accuracy")].splitlines()
     assert header[:5] == [
@@ -150,7 +157,7 @@ def test_markdown_columns_bold_best_and_plus_minus() -> None:
 def test_markdown_latency_table() -> None:
     rows = _table_rows(render_markdown(**_inputs()), "Latency")
     assert rows[0] == ["method", "ms/item", "K (latents)"]
-    assert rows[1:] == [["storms", "42.0 ± 2.8", "8"], ["text_cot", "120.0", "—"], ["frames_only", "—", "0"]]
+    assert rows[1:] == [["storms", "42.0 ± 25.4", "8"], ["text_cot", "120.0", "—"], ["frames_only", "—", "0"]]
     latency = _inputs()["latency"]
     del latency["frames_only"]  # a method without latency has no row
     rows = _table_rows(render_markdown(**_inputs(latency=latency)), "Latency")
@@ -188,7 +195,7 @@ def test_print_table_is_aligned(capsys: pytest.CaptureFixture[str]) -> None:
     assert table[0].split()[0] == "method" and set(table[1]) == {"-"}
     assert len({len(line) for line in table}) == 1  # every row padded to the same width
     storms = next(line for line in table if line.startswith("storms"))
-    assert "85.0 ± 7.1*" in storms and "**" not in buf.getvalue()
+    assert "85.0 ± 63.5*" in storms and "**" not in buf.getvalue()
     print_table(**_inputs())
     assert capsys.readouterr().out == buf.getvalue()
 

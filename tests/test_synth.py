@@ -44,7 +44,7 @@ SMALL = {"num_train": 48, "num_val": 12, "num_test": 12, "occluder_prob": 0.3}
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynthConfig, Path]:
-    cfg = SynthConfig(**SMALL, workers=1)
+    cfg = SynthConfig(task="balls", **SMALL, workers=1)
     out_dir = tmp_path_factory.mktemp("synth")
     generate(cfg, out_dir)
     return cfg, out_dir
@@ -95,7 +95,7 @@ def naive_simulate(scene: dict, duration: float, collisions: bool, dt: float = 0
 
 @pytest.mark.parametrize("collisions", [False, True])
 def test_event_driven_simulation_matches_fixed_step_integration(collisions: bool) -> None:
-    cfg = SynthConfig(num_train=1, num_val=0, num_test=0)
+    cfg = SynthConfig(task="balls", num_train=1, num_val=0, num_test=0)
     rng = np.random.default_rng(123)
     num_compared_events = 0
     for _ in range(12):
@@ -114,7 +114,7 @@ def test_event_driven_simulation_matches_fixed_step_integration(collisions: bool
 
 
 def test_recorded_bounces_equal_velocity_reversals() -> None:
-    cfg = SynthConfig(num_train=1, num_val=0, num_test=0)
+    cfg = SynthConfig(task="balls", num_train=1, num_val=0, num_test=0)
     rng = np.random.default_rng(7)
     for _ in range(20):
         scene = sample_scene(rng, cfg, num_balls=3)
@@ -128,7 +128,7 @@ def test_recorded_bounces_equal_velocity_reversals() -> None:
 
 
 def test_collisions_conserve_energy_and_never_overlap() -> None:
-    cfg = SynthConfig(num_train=1, num_val=0, num_test=0)
+    cfg = SynthConfig(task="balls", num_train=1, num_val=0, num_test=0)
     rng = np.random.default_rng(11)
     num_collisions = 0
     for _ in range(40):
@@ -216,7 +216,7 @@ def test_rendered_videos_show_what_the_answers_say(dataset: tuple[SynthConfig, P
 
 def test_planned_questions_are_unambiguous() -> None:
     """Re-check each variant's margins on the simulated trajectory, over many planned (not rendered) questions."""
-    cfg = SynthConfig(num_train=1, num_val=0, num_test=0)
+    cfg = SynthConfig(task="balls", num_train=1, num_val=0, num_test=0)
     end, gap, edge = cfg.num_frames - 1, EVENT_GAP_FRAMES, EDGE_MARGIN_FRAMES
     for variant in (v for q in QTYPES for v in VARIANTS[q]):
         targets = target_values(variant, cfg)
@@ -327,7 +327,7 @@ def test_canonical_option_order(dataset: tuple[SynthConfig, Path]) -> None:
 
 
 def test_shuffled_option_order_balances_every_letter(tmp_path: Path) -> None:
-    cfg = SynthConfig(**SMALL, option_order="shuffled", workers=1)
+    cfg = SynthConfig(task="balls", **SMALL, option_order="shuffled", workers=1)
     generate(cfg, tmp_path)
     for name in ("train", "perception_train"):
         _assert_letters_balanced(read_manifest(tmp_path / f"{name}.jsonl"), lambda s: True)
@@ -349,7 +349,7 @@ def test_background_encodes_position() -> None:
     image = background_image(56).astype(int)
     assert image[0, -1, 0] - image[0, 0, 0] >= 50 and image[-1, 0, 2] - image[0, 0, 2] >= 50
     assert (image[:, :, 1] == image[0, 0, 1]).all() and image.max() < 100
-    cfg = SynthConfig(num_train=1, num_val=0, num_test=0, size=56)
+    cfg = SynthConfig(task="balls", num_train=1, num_val=0, num_test=0, size=56)
     world, _ = sample_world(np.random.default_rng(0), cfg, "num_balls", 1)
     frame = render(world.scene, world.trajectory, [0.0])[0].astype(int)
     far = np.ones((56, 56), dtype=bool)
@@ -385,7 +385,7 @@ def test_same_seed_is_identical_across_runs_and_worker_counts(dataset: tuple[Syn
                                                                tmp_path: Path) -> None:
     cfg, out_dir = dataset
     again = tmp_path / "again"
-    generate(SynthConfig(**SMALL, workers=2), again)
+    generate(SynthConfig(task="balls", **SMALL, workers=2), again)
     assert manifest_texts(again) == manifest_texts(out_dir)
     stamp, stamp_again = (json.loads((d / STAMP_NAME).read_text()) for d in (out_dir, again))
     assert stamp["content_hash"] == stamp_again["content_hash"]
@@ -397,7 +397,7 @@ def test_same_seed_is_identical_across_runs_and_worker_counts(dataset: tuple[Syn
 
 def test_each_split_is_reproducible_on_its_own(dataset: tuple[SynthConfig, Path], tmp_path: Path) -> None:
     _, out_dir = dataset
-    generate(SynthConfig(**{**SMALL, "num_train": 3}, workers=1), tmp_path)
+    generate(SynthConfig(task="balls", **{**SMALL, "num_train": 3}, workers=1), tmp_path)
     for name in ("val.jsonl", "test.jsonl", "perception_val.jsonl"):
         assert (tmp_path / name).read_text() == (out_dir / name).read_text()
     assert (tmp_path / "train.jsonl").read_text() != (out_dir / "train.jsonl").read_text()
@@ -405,7 +405,7 @@ def test_each_split_is_reproducible_on_its_own(dataset: tuple[SynthConfig, Path]
 
 def test_different_seed_gives_different_content(dataset: tuple[SynthConfig, Path], tmp_path: Path) -> None:
     _, out_dir = dataset
-    generate(SynthConfig(**{**SMALL, "num_train": 4, "num_val": 1, "num_test": 1, "seed": 1}, workers=1), tmp_path)
+    generate(SynthConfig(task="balls", **{**SMALL, "num_train": 4, "num_val": 1, "num_test": 1, "seed": 1}, workers=1), tmp_path)
     other = read_manifest(tmp_path / "train.jsonl")
     ours = read_manifest(out_dir / "train.jsonl")[:4]
     assert [s.meta["scene"] for s in other] != [s.meta["scene"] for s in ours]
@@ -413,7 +413,7 @@ def test_different_seed_gives_different_content(dataset: tuple[SynthConfig, Path
 
 
 def test_generate_is_idempotent_and_regenerates_on_change(tmp_path: Path) -> None:
-    cfg = SynthConfig(num_train=5, num_val=2, num_test=2, workers=1)
+    cfg = SynthConfig(task="balls", num_train=5, num_val=2, num_test=2, workers=1)
     paths = generate(cfg, tmp_path)
     assert set(paths) == {"train", "val", "test", "perception_train", "perception_val"}
     stamp = json.loads((tmp_path / STAMP_NAME).read_text())
@@ -421,14 +421,14 @@ def test_generate_is_idempotent_and_regenerates_on_change(tmp_path: Path) -> Non
     first_video = tmp_path / "videos" / "train" / "000000.webm"
     mtime, original = first_video.stat().st_mtime_ns, first_video.read_bytes()
 
-    assert generate(SynthConfig(num_train=5, num_val=2, num_test=2, workers=2), tmp_path) == paths  # workers: no effect
+    assert generate(SynthConfig(task="balls", num_train=5, num_val=2, num_test=2, workers=2), tmp_path) == paths  # workers: no effect
     assert first_video.stat().st_mtime_ns == mtime
 
     first_video.write_bytes(original[:-10])  # a damaged file is noticed and regenerated
     generate(cfg, tmp_path)
     assert first_video.read_bytes() == original
 
-    generate(SynthConfig(num_train=3, num_val=2, num_test=2, workers=1), tmp_path)  # new config: stale files removed
+    generate(SynthConfig(task="balls", num_train=3, num_val=2, num_test=2, workers=1), tmp_path)  # new config: stale files removed
     assert sorted(p.name for p in (tmp_path / "videos" / "train").iterdir()) == ["000000.webm", "000001.webm",
                                                                                 "000002.webm"]
     assert len(read_manifest(tmp_path / "train.jsonl")) == 3
@@ -437,7 +437,7 @@ def test_generate_is_idempotent_and_regenerates_on_change(tmp_path: Path) -> Non
 def test_refuses_to_clear_a_folder_it_did_not_make(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not made by storms synth"):
-        generate(SynthConfig(num_train=1, num_val=0, num_test=0, workers=1), tmp_path)
+        generate(SynthConfig(task="balls", num_train=1, num_val=0, num_test=0, workers=1), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

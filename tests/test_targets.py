@@ -35,7 +35,7 @@ GROUPS = [(0, 6), (6, 11), (11, 16)]  # 16 % 3 = 1: the first group takes the ex
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth") / "data"
-    paths = generate(SynthConfig(num_train=8, num_val=0, num_test=0, size=56, workers=1), root)
+    paths = generate(SynthConfig(task="balls", num_train=8, num_val=0, num_test=0, size=56, workers=1), root)
     samples = read_manifest(paths["train"])
     assert len(samples) == 8 and all(s.thought_path.is_file() for s in samples)
     return samples

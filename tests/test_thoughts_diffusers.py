@@ -87,7 +87,7 @@ def tiny_wan(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "data"
-    paths = generate(SynthConfig(num_train=2, num_val=0, num_test=0, size=56, workers=1), root)
+    paths = generate(SynthConfig(task="balls", num_train=2, num_val=0, num_test=0, size=56, workers=1), root)
     one = root / "one.jsonl"
     write_manifest(one, read_manifest(paths["train"])[:1])
     return one

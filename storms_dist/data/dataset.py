@@ -42,6 +42,9 @@ class DataConfig:
     prompt: Literal["storms", "verbatim"] = "storms"
     """storms: question + lettered options + instruction; verbatim: the sample's ``meta.prompt`` as the user text
     (public benchmarks: lmms-eval's exact prompt, options included)."""
+    system_prompt: bool = True
+    """Open the chat with the family's default system turn (Qwen2.5-VL: "You are a helpful assistant."). The grid
+    default drops it: a random-init model spreads its attention over every token, and the video is 2 of them."""
     answer_format: Literal["letter", "text"] = "letter"
     """letter: the model answers "B" (the benchmarks' convention); text: it answers with the option's text, which
     eval maps back to its letter (no letter indirection: what a small model trained from scratch learns fastest)."""
@@ -216,7 +219,8 @@ class VideoQADataset(torch.utils.data.Dataset):
                               options=() if verbatim else sample.options,
                               instruction=MC_INSTRUCTION if self.cfg.answer_format == "letter" else TEXT_INSTRUCTION,
                               video_grid_thw=video.video_grid_thw, timestamps_s=video.timestamps_s,
-                              merge_size=self.spec.merge_size, temporal_patch_size=self.spec.temporal_patch_size)
+                              merge_size=self.spec.merge_size, temporal_patch_size=self.spec.temporal_patch_size,
+                              **({} if self.cfg.system_prompt else {"system": None}))
         item = Item(sample, prompt.input_ids, prompt.mm_token_type_ids, answer_tokens(self.tokenizer, answer_text(sample, self.cfg)),
                     video)
         if self.cfg.cache_decoded:

@@ -4,7 +4,8 @@ Geometry (docs/data.md has the arithmetic): a ``28 x 28`` frame is a ``4 x 4`` g
 14-px patches, 2-frame temporal patches and 2x2 spatial merge turn every pair of frames into exactly **one** merged
 visual token that sees the whole scene, so the ball's cell in both frames -- its position and its velocity -- is
 *content* of that token (a from-scratch tower cannot learn to find a small object wherever it sits, docs/results.md;
-it can learn what one token shows). The floor is position-coded (every cell has its own dim colour).
+it can learn what one token shows). The ball is drawn in its cell's colour and the floor is tinted by it, so the cell is
+content of every patch.
 
 Dynamics: the ball moves one cell per frame on each axis (diagonally) and reflects off the walls. The question asks
 for its cell ``D`` frames after the clip, with ``D`` drawn per item from ``horizons`` and written in the question:
@@ -30,7 +31,6 @@ GRID_QTYPES = ("future_cell", "current_cell")
 GRID_DYNAMICS_QTYPES = ("future_cell",)
 GRID_DEFAULT_QTYPES = ("future_cell", "future_cell", "future_cell", "current_cell")  # round-robin: 3 in 4 dynamic
 DIRECTIONS = ("up-left", "up-right", "down-left", "down-right")
-BALL_RGB = (255, 255, 255)
 
 
 @dataclass(kw_only=True)
@@ -112,23 +112,32 @@ def direction_name(velocity: tuple[int, int]) -> str:
 
 
 # ---- rendering ----
-def floor_image(cells: int) -> np.ndarray:
-    """A position-coded floor: cell ``(col, row)`` gets its own dim colour (red grows with col, blue with row)."""
-    size = cells * CELL_PX
-    image = np.zeros((size, size, 3), dtype=np.uint8)
-    for row in range(cells):
-        for col in range(cells):
-            colour = (30 + 150 * col // max(cells - 1, 1), 40, 30 + 150 * row // max(cells - 1, 1))
-            image[row * CELL_PX:(row + 1) * CELL_PX, col * CELL_PX:(col + 1) * CELL_PX] = colour
-    return image
+def cell_code(col: int, row: int, cells: int) -> tuple[int, int]:
+    """Red level from the column, green level from the row (0..1 over the grid)."""
+    scale = max(cells - 1, 1)
+    return col / scale, row / scale
+
+
+def ball_colour(col: int, row: int, cells: int) -> tuple[int, int, int]:
+    red, green = cell_code(col, row, cells)
+    return round(80 + 175 * red), round(80 + 175 * green), 255
+
+
+def floor_colour(col: int, row: int, cells: int) -> tuple[int, int, int]:
+    """The floor is tinted by the ball's cell, dimmer than the ball: the state is then content of *every* patch
+    of the frame, the signal a from-scratch tower learns in ~100 steps (docs/results.md: a uniform level per answer
+    was learned at once, a ball's place alone not in thousands of steps)."""
+    red, green = cell_code(col, row, cells)
+    return round(20 + 100 * red), round(20 + 100 * green), 40
 
 
 def render(cells_T2: np.ndarray, cells: int) -> np.ndarray:
-    """Frames ``[T, H, W, 3]``: the floor with the ball filling its cell."""
-    floor = floor_image(cells)
-    frames = np.repeat(floor[None], len(cells_T2), axis=0)
+    """Frames ``[T, H, W, 3]``: the floor tinted by the ball's cell, with the ball filling that cell."""
+    size = cells * CELL_PX
+    frames = np.empty((len(cells_T2), size, size, 3), dtype=np.uint8)
     for t, (col, row) in enumerate(cells_T2):
-        frames[t, row * CELL_PX:(row + 1) * CELL_PX, col * CELL_PX:(col + 1) * CELL_PX] = BALL_RGB
+        frames[t] = floor_colour(col, row, cells)
+        frames[t, row * CELL_PX:(row + 1) * CELL_PX, col * CELL_PX:(col + 1) * CELL_PX] = ball_colour(col, row, cells)
     return frames
 
 
@@ -173,16 +182,13 @@ def cell_options(cells: int) -> tuple[str, ...]:
 
 
 def compact_prompt(question: str, options: Sequence[str]) -> str:
-    """The user text for ``data.prompt: verbatim``: the cell options named by their rule, not listed one by one
-    (16 listed options would be ~75% of the sequence, and of every step's cost, on the CPU demo)."""
-    from storms_dist.data.prompt import MC_INSTRUCTION, format_question
-
+    """The user text for ``data.prompt: verbatim`` (the instruction line is appended by the prompt builder): cell
+    options named by their rule, not listed one by one. 16 listed options would be ~75 % of the sequence -- of
+    every step's cost, and of what attention at init spreads over besides the few visual tokens."""
     if options and all(o.startswith("r") and "c" in o for o in options):
         last = OPTION_LETTERS[len(options) - 1]
-        rule = (f"Options: {OPTION_LETTERS[0]}-{last}, the cells row by row from the top left "
-                f"({OPTION_LETTERS[0]} = {options[0]}, {last} = {options[-1]}).")
-        return f"{question}\n{rule}\n{MC_INSTRUCTION}"
-    return format_question(question, options)
+        return f"{question}\nOptions: {OPTION_LETTERS[0]}-{last}, the cells row by row from the top left."
+    return "\n".join([question, *(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options))])
 
 
 def _question(variant: str, question: str, options: tuple[str, ...], correct: int, **meta: Any) -> GridQuestion:

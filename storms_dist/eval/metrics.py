@@ -86,3 +86,13 @@ def mean_std(values: Sequence[float] | Iterable[float]) -> tuple[float, float]:
         return mean, 0.0
     variance = math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return mean, math.sqrt(variance)
+
+
+def ci95(std: float, num: int) -> float:
+    """Half-width of the 95 % confidence interval of a mean of ``num`` values with sample std ``std`` (Student t;
+    0 for one value)."""
+    if num < 2:
+        return 0.0
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, num - 1)) * std / math.sqrt(num)

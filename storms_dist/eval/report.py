@@ -1,4 +1,4 @@
-"""The demo report: accuracy per method x question type (mean ± std over seeds), latency, a bar chart.
+"""The demo report: accuracy per method x question type (mean ± 95 % CI over seeds), latency, a bar chart.
 
     inputs = dict(
         results={"storms": [acc_seed0, acc_seed1], "text_cot": [...]},  # accuracy_by_type() output per seed
@@ -15,8 +15,8 @@ Every function takes the same inputs, validated once by :class:`ReportData`. Lat
 dict (measured once) or one per seed; ``latency_ms_per_item`` may be None (not measured). ``context`` is shown in
 the header, ``date`` and ``machine`` first, every other key as config summary.
 
-Aggregation: every column is computed per seed first, then mean and sample std over seeds
-(:func:`storms_dist.eval.metrics.mean_std`). "dynamics avg" is the unweighted mean of the dynamics types'
+Aggregation: every column is computed per seed first, then mean, sample std and the 95 % confidence half-width
+of the mean (Student t, ``metrics.ci95``) over seeds. "dynamics avg" is the unweighted mean of the dynamics types'
 accuracies (each type counts equally whatever its item count); "overall" is item-weighted over all items.
 """
 
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from storms_dist.eval.metrics import mean_std
+from storms_dist.eval.metrics import ci95, mean_std
 
 DEFAULT_TITLE = "STORMS demo report"
 DYNAMICS_AVG = "dynamics avg"
@@ -40,11 +40,15 @@ LATENCY_KEYS = ("latency_ms_per_item", "num_latents")
 
 @dataclass(frozen=True)
 class Cell:
-    """One aggregated table cell: mean and sample std of a per-seed value."""
+    """One aggregated table cell: mean, sample std and 95 % CI half-width of a per-seed value."""
 
     mean: float
     std: float
     num_seeds: int
+
+    @property
+    def ci95(self) -> float:
+        return ci95(self.std, self.num_seeds)
 
 
 @dataclass(kw_only=True)
@@ -57,6 +61,11 @@ class ReportData:
     dynamics_qtypes: list[str]  # subset of qtypes averaged into "dynamics avg"; the others are controls
     context: dict[str, Any] = field(default_factory=dict)  # machine, date, config summary
     title: str = DEFAULT_TITLE
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Non-learned rows (name -> one accuracy_by_type() dict): chance, majority, copy rules... shown under the
+    methods, never counted as the best."""
+    sections: dict[str, list[str]] = field(default_factory=dict)
+    """Extra markdown sections (heading -> lines), e.g. Stage 0 perception and target informativeness."""
 
     def __post_init__(self) -> None:
         if not self.results:
@@ -74,6 +83,8 @@ class ReportData:
         if unknown:
             raise ValueError(f"dynamics_qtypes: {unknown} not in qtypes; expected a subset of {self.qtypes}")
         self.latency = {m: _normalize_latency(m, v) for m, v in (self.latency or {}).items()}
+        self.baselines = {name: dict(metrics) for name, metrics in (self.baselines or {}).items()}
+        self.sections = {heading: list(lines) for heading, lines in (self.sections or {}).items()}
         extra = [m for m in self.latency if m not in self.results]
         if extra:
             raise ValueError(f"latency: methods {extra} have no results; expected a subset of {list(self.results)}")
@@ -149,11 +160,11 @@ def latency_summary(data: ReportData) -> dict[str, tuple[Cell | None, int | None
 
 # ------------------------------------------------------------------------------------------------------- formatting
 def format_cell(cell: Cell | None, *, ndigits: int = 1) -> str:
-    """``"71.3 ± 2.1"`` over several seeds, ``"71.3"`` for one, ``"—"`` if absent."""
+    """``"71.3 ± 2.1"`` (mean ± 95 % CI half-width) over several seeds, ``"71.3"`` for one, ``"—"`` if absent."""
     if cell is None:
         return MISSING
     if cell.num_seeds > 1:
-        return f"{cell.mean:.{ndigits}f} ± {cell.std:.{ndigits}f}"
+        return f"{cell.mean:.{ndigits}f} ± {cell.ci95:.{ndigits}f}"
     return f"{cell.mean:.{ndigits}f}"
 
 
@@ -175,6 +186,10 @@ def _accuracy_rows(data: ReportData, *, markdown: bool) -> list[list[str]]:
             else:  # pad non-best cells too so the digits stay right-aligned
                 cells.append(text + ("*" if is_best else " " if best[col] else ""))
         rows.append([method, *cells])
+    for name, metrics in data.baselines.items():
+        values = _seed_column_values(metrics, data)
+        label = f"*{name}*" if markdown else name
+        rows.append([label, *(f"{values[col]:.1f}" if col in values else MISSING for col in data.columns)])
     return rows
 
 
@@ -224,7 +239,10 @@ def _items_per_type(data: ReportData) -> str:
 
 
 def _accuracy_caption(data: ReportData) -> str:
-    parts = ["Accuracy in %, mean ± sample std over seeds; **bold** = best per column."]
+    parts = ["Accuracy in %, mean ± 95 % CI (Student t) over seeds; **bold** = best method per column."]
+    if data.baselines:
+        parts.append(f"*Italic* rows are non-learned rules ({', '.join(data.baselines)}), computed from the "
+                     "generator's ground truth.")
     if data.dynamics_qtypes:
         parts.append(f"`{DYNAMICS_AVG}` = unweighted mean over {', '.join(data.dynamics_qtypes)}.")
     if data.controls:
@@ -253,6 +271,8 @@ def _render_markdown(data: ReportData) -> str:
         caption = "Milliseconds per eval item (mean ± std over seeds); K = number of latent steps."
         lines += ["", "## Latency", "", caption, ""]
         lines.append(_markdown_table(_latency_rows(data)))
+    for heading, body in data.sections.items():
+        lines += ["", f"## {heading}", "", *body]
     return "\n".join(lines) + "\n"
 
 
@@ -264,6 +284,10 @@ def _print_table(data: ReportData, file: TextIO | None = None) -> None:
     if data.latency:
         print(file=out)
         print(_plain_table(_latency_rows(data)), file=out)
+    for heading, body in data.sections.items():
+        print(f"\n{heading}", file=out)
+        for line in body:
+            print(f"  {line}", file=out)
 
 
 # ------------------------------------------------------------------------------------------------------------ chart
@@ -281,9 +305,15 @@ def _render_chart(data: ReportData, path: Path) -> Path:
         cells = [summary[method][col] for col in columns]
         xs = [j + (i - (num_methods - 1) / 2) * width for j in range(len(columns))]
         means = [c.mean if c else float("nan") for c in cells]
-        stds = [c.std if c and c.num_seeds > 1 else float("nan") for c in cells]  # nan: no bar for a single seed
+        stds = [c.ci95 if c and c.num_seeds > 1 else float("nan") for c in cells]  # nan: no bar for a single seed
         label = f"{method} (n={len(data.results[method])})"
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=label, error_kw={"elinewidth": 1})
+    if "chance" in data.baselines:  # one chance mark per column
+        chance = _seed_column_values(data.baselines["chance"], data)
+        for j, col in enumerate(columns):
+            if col in chance:
+                ax.hlines(chance[col], j - 0.45, j + 0.45, colors="black", linestyles=":", linewidth=1.2,
+                          label="chance" if j == 0 else None)
     if len(columns) > len(data.qtypes):  # separate per-type columns from the aggregates
         ax.axvline(len(data.qtypes) - 0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
@@ -310,6 +340,8 @@ def _data(
     dynamics_qtypes: Sequence[str],
     context: Mapping[str, Any] | None,
     title: str,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
+    sections: Mapping[str, Sequence[str]] | None = None,
 ) -> ReportData:
     return ReportData(
         results=dict(results),
@@ -318,6 +350,8 @@ def _data(
         dynamics_qtypes=list(dynamics_qtypes),
         context=dict(context or {}),
         title=title,
+        baselines=dict(baselines or {}),
+        sections={k: list(v) for k, v in (sections or {}).items()},
     )
 
 
@@ -329,9 +363,11 @@ def render_markdown(
     dynamics_qtypes: Sequence[str],
     context: Mapping[str, Any] | None = None,
     title: str = DEFAULT_TITLE,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
+    sections: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """Header with context, accuracy table (method x qtype + dynamics avg + overall, best bold), latency table."""
-    return _render_markdown(_data(results, latency, qtypes, dynamics_qtypes, context, title))
+    return _render_markdown(_data(results, latency, qtypes, dynamics_qtypes, context, title, baselines, sections))
 
 
 def render_chart(
@@ -342,10 +378,12 @@ def render_chart(
     dynamics_qtypes: Sequence[str],
     context: Mapping[str, Any] | None = None,
     title: str = DEFAULT_TITLE,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
+    sections: Mapping[str, Sequence[str]] | None = None,
     path: Path,
 ) -> Path:
     """Grouped bar chart (columns x methods), error bars = sample std over seeds, written as PNG."""
-    return _render_chart(_data(results, latency, qtypes, dynamics_qtypes, context, title), path)
+    return _render_chart(_data(results, latency, qtypes, dynamics_qtypes, context, title, baselines, sections), path)
 
 
 def print_table(
@@ -356,10 +394,12 @@ def print_table(
     dynamics_qtypes: Sequence[str],
     context: Mapping[str, Any] | None = None,
     title: str = DEFAULT_TITLE,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
+    sections: Mapping[str, Sequence[str]] | None = None,
     file: TextIO | None = None,
 ) -> None:
     """Aligned plain-text tables for the console (stdout by default); ``*`` marks the best method per column."""
-    _print_table(_data(results, latency, qtypes, dynamics_qtypes, context, title), file)
+    _print_table(_data(results, latency, qtypes, dynamics_qtypes, context, title, baselines, sections), file)
 
 
 def write_report(
@@ -371,18 +411,21 @@ def write_report(
     dynamics_qtypes: Sequence[str],
     context: Mapping[str, Any] | None = None,
     title: str = DEFAULT_TITLE,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
+    sections: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.png and results.json into ``out_dir``; returns ``{"markdown"|"chart"|"json": path}``.
 
     results.json = the inputs (see :func:`load_report`) plus ``summary``: method -> column -> mean/std/num_seeds.
     """
-    data = _data(results, latency, qtypes, dynamics_qtypes, context, title)
+    data = _data(results, latency, qtypes, dynamics_qtypes, context, title, baselines, sections)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / "report.md", "chart": out_dir / "report.png", "json": out_dir / "results.json"}
     paths["markdown"].write_text(_render_markdown(data), encoding="utf-8")
     _render_chart(data, paths["chart"])
-    summary = {m: {col: asdict(c) if c else None for col, c in row.items()} for m, row in summarize(data).items()}
+    summary = {m: {col: {**asdict(c), "ci95": c.ci95} if c else None for col, c in row.items()}
+               for m, row in summarize(data).items()}
     payload = {**data.inputs(), "summary": summary}
     # default=str: context may hold Paths or other non-JSON scalars
     paths["json"].write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")

@@ -112,13 +112,18 @@ def pool_targets(visual_tokens_MD: torch.Tensor, num_latents: int) -> torch.Tens
     """Thought-video targets: split the M visual tokens (temporal order) into K contiguous groups and mean each.
 
     Groups differ in size by at most one token (the first ``M % K`` groups take the extra one), so no token is
-    dropped; group i covers roughly the i-th temporal chunk of the thought video.
+    dropped; group i covers roughly the i-th temporal chunk of the thought video. With fewer tokens than slots
+    (K a multiple of M, e.g. the K = 16 ablation on an 8-token thought video) slot i takes token ``i * M // K``:
+    each state is held for K / M consecutive latent steps.
     """
     num_tokens = visual_tokens_MD.shape[0]
     if num_latents <= 0:
         raise ValueError(f"num_latents must be > 0 to pool targets, got {num_latents}")
     if num_tokens < num_latents:
-        raise ValueError(f"cannot pool {num_tokens} visual tokens into {num_latents} groups; use more frames or pixels")
+        if num_latents % num_tokens:
+            raise ValueError(f"cannot pool {num_tokens} visual tokens into {num_latents} groups (K must be <= the "
+                             "token count or a multiple of it); use more frames or pixels")
+        return visual_tokens_MD.repeat_interleave(num_latents // num_tokens, dim=0)
     return torch.stack([group.mean(dim=0) for group in visual_tokens_MD.tensor_split(num_latents, dim=0)])
 
 

@@ -1,0 +1,141 @@
+"""The grid task (the embedded default): physics, rendering, questions, thought videos, and the report's rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from storms_dist.data import grid
+from storms_dist.data.grid import GridTaskConfig, reflect_step, trajectory
+from storms_dist.data.manifest import OPTION_LETTERS, read_manifest
+from storms_dist.data.synth import SynthConfig, generate
+from storms_dist.data.video_io import decode_frames
+from storms_dist.eval import diagnostics
+
+
+def test_reflect_step_bounces_off_both_walls() -> None:
+    assert reflect_step(2, 1, 4) == (3, 1)
+    assert reflect_step(3, 1, 4) == (2, -1)
+    assert reflect_step(0, -1, 4) == (1, 1)
+
+
+def test_trajectory_has_the_period_of_the_grid() -> None:
+    path = trajectory((0, 2), (1, -1), 20, 4)
+    period = 2 * (4 - 1)
+    assert (path[period:] == path[:-period]).all()
+    assert (np.abs(np.diff(path, axis=0)) == 1).all()  # one cell per frame on each axis, also at a bounce
+    assert path.min() == 0 and path.max() == 3
+
+
+def test_render_codes_the_cell_in_place_and_colour() -> None:
+    frames = grid.render(np.array([[1, 2], [3, 0]]), 4)
+    assert frames.shape == (2, 28, 28, 3)
+    assert tuple(frames[0, 2 * 7 + 3, 1 * 7 + 3]) == grid.ball_colour(1, 2, 4)
+    assert tuple(frames[0, 0, 0]) == grid.floor_colour(1, 2, 4) != grid.floor_colour(3, 0, 4) == tuple(frames[1, 0, 0])
+    colours = {grid.ball_colour(c, r, 4) for c in range(4) for r in range(4)}
+    assert len(colours) == 16  # the colour alone names the cell
+
+
+def test_config_validation_names_the_field() -> None:
+    with pytest.raises(ValueError, match="grid.horizons"):
+        GridTaskConfig(horizons=(0, 4))
+    with pytest.raises(ValueError, match="grid.horizons"):
+        GridTaskConfig(horizons=(1, 40))
+    with pytest.raises(ValueError, match="grid.cells"):
+        GridTaskConfig(cells=3)
+    with pytest.raises(ValueError, match="grid.clip_frames"):
+        GridTaskConfig(clip_frames=3)
+
+
+@pytest.fixture(scope="module")
+def grid_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    cfg = SynthConfig(num_train=160, num_val=8, num_test=40, workers=1)
+    return cfg, generate(cfg, root)
+
+
+def test_generated_questions_match_the_ground_truth(grid_set) -> None:
+    cfg, paths = grid_set
+    samples = read_manifest(paths["train"])
+    assert [s.qtype for s in samples[:4]] == list(grid.GRID_DEFAULT_QTYPES)
+    for s in samples:
+        assert len(s.options) == 16 and s.options[0] == "r1c1" and s.options[-1] == "r4c4"  # canonical order
+        if s.qtype == "future_cell":
+            col, row = s.meta["thought_cells"][s.meta["horizon"] - 1]
+            assert 1 <= s.meta["horizon"] <= 16 and str(s.meta["horizon"]) in s.question
+        else:
+            col, row = s.meta["clip_cells"][-1]
+        assert s.answer == OPTION_LETTERS[row * 4 + col]
+        assert "Options: A-P" in s.meta["prompt"]
+    first = samples[0]
+    assert trajectory(tuple(first.meta["start"]), tuple(first.meta["velocity"]), 20, 4).tolist() == \
+        first.meta["clip_cells"] + first.meta["thought_cells"]
+
+
+def test_videos_show_the_clip_and_the_thought_video_its_continuation(grid_set) -> None:
+    _, paths = grid_set
+    sample = read_manifest(paths["train"])[0]
+    for path, cells in ((sample.video_path, sample.meta["clip_cells"]),
+                        (sample.thought_path, sample.meta["thought_cells"])):
+        frames = decode_frames(path, list(range(len(cells))))
+        assert frames.shape[1:] == (28, 28, 3)
+        for frame, (col, row) in zip(frames, cells):  # the brightest cell is the ball's, in its colour (VP9: ~)
+            means = frame.reshape(4, 7, 4, 7, 3).mean(axis=(1, 3)).sum(-1)
+            assert np.unravel_index(means.argmax(), means.shape) == (row, col)
+            colour = frame[row * 7 + 3, col * 7 + 3].astype(int)
+            assert np.abs(colour - grid.ball_colour(col, row, 4)).max() < 24
+
+
+def test_perception_questions_are_dense(grid_set) -> None:
+    _, paths = grid_set
+    perception = read_manifest(paths["perception_train"])
+    train = read_manifest(paths["train"])
+    assert len(perception) == len(train) * 5  # the cell at each of the 4 clip frames + the direction
+    first = [p for p in perception if p.meta["source_uid"] == train[0].uid]
+    cells = train[0].meta["clip_cells"]
+    for p in first:
+        if p.meta["variant"] == "cell_at_frame":
+            col, row = cells[p.meta["frame"] - 1]
+            assert p.answer == OPTION_LETTERS[row * 4 + col]
+    (direction,) = [p for p in first if p.meta["variant"] == "direction"]
+    (x0, y0), (x1, y1) = cells[-2:]
+    assert direction.options[OPTION_LETTERS.index(direction.answer)] == grid.direction_name((x1 - x0, y1 - y0))
+
+
+def test_baselines_chance_and_horizon_accuracy(grid_set, tmp_path) -> None:
+    _, paths = grid_set
+    train, test = read_manifest(paths["train"]), read_manifest(paths["test"])
+    rules = diagnostics.baseline_results(train, test)
+    assert rules["copy last frame"]["by_type"]["current_cell"]["accuracy"] == 100.0  # the control needs one frame
+    assert 0.0 <= rules["copy last frame"]["by_type"]["future_cell"]["accuracy"] < 100.0
+    assert set(rules) == {"majority", "copy last frame", "copy same-phase frame", "lookup (last cell, D)"}
+    assert diagnostics.chance_by_type(test)["by_type"]["future_cell"]["accuracy"] == pytest.approx(6.25)
+    records = [{"uid": s.uid, "qtype": s.qtype, "prediction": s.answer if s.meta.get("horizon", 0) <= 8 else "A",
+                "answer": s.answer} for s in test]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in records))
+    by_horizon = diagnostics.accuracy_by_horizon(path, test)
+    assert all(by_horizon[b] == 100.0 for b in ("1-4", "5-8") if b in by_horizon)
+    assert all(by_horizon[b] < 100.0 for b in ("9-12", "13-16") if b in by_horizon and
+               any(s.answer != "A" for s in test if s.qtype == "future_cell" and s.meta["horizon"] > 8))
+
+
+def test_target_informativeness_sees_a_constant_and_an_informative_cache(grid_set) -> None:
+    _, paths = grid_set
+    train = [s for s in read_manifest(paths["train"])]
+    k, d = 8, 6
+    constant = torch.ones(len(train), k, d)
+    info = diagnostics.target_informativeness(constant, train, hidden_rms=1.0)
+    assert info["variance_ratio"] == 0.0 and info["target_rms"] == pytest.approx(1.0) and info["hidden_rms"] == 1.0
+    # targets whose slot k one-hot-codes the cells of its two frames (as a merged token holds both): the probe
+    # from the slot of the asked horizon reads the answer far above the majority rate
+    coded = torch.randn(len(train), k, 32) * 0.01
+    for i, s in enumerate(train):
+        for slot in range(k):
+            for half in range(2):
+                col, row = s.meta["thought_cells"][2 * slot + half]
+                coded[i, slot, 16 * half + row * 4 + col] += 1.0
+    info = diagnostics.target_informativeness(coded, train)
+    assert info["variance_ratio"] > 0.5
+    assert info["probe_accuracy"] >= 2 * info["probe_majority"]
