@@ -132,3 +132,28 @@ def test_flash_attention_2_without_cuda_or_flash_attn_is_a_config_error():
     with pytest.raises(ValueError, match="flash_attention_2 needs a CUDA GPU and the flash-attn package"):
         resolve_attn_implementation("flash_attention_2")
     assert resolve_attn_implementation("auto") == "sdpa"
+
+
+@pytest.mark.distributed
+def test_latent_attention_under_zero3_trains_like_the_dynamic_cache():
+    """2 ranks, ZeRO-3 with every parameter partitioned: two optimizer steps with latent_attention=torch give the
+    losses and the updated weights of latent_attention=off."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from storms_dist.train.distributed import free_port
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(REPO / "tests" / "dist_scripts" / "latent_attention_zero3.py")]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    out = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    for ref, got in zip(out["off"]["losses"], out["torch"]["losses"]):
+        assert abs(ref - got) <= 1e-5
+    assert abs(out["off"]["checksum"] - out["torch"]["checksum"]) <= 1e-5 * max(1.0, abs(out["off"]["checksum"]))
+    assert out["off"]["losses"][0] != out["off"]["losses"][1]  # the step trained something
