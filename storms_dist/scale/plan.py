@@ -363,7 +363,8 @@ def plan_config_for_run(cfg, *, nodes: int, gpus_per_node: int, gpu: str | None,
     k = cfg.model.num_latents if stage_cfg.num_latents is None else stage_cfg.num_latents
     on_gpu = gpus_per_node > 0
     offload = "param" if ds.offload_params != "none" else ("optimizer" if ds.offload_optimizer != "none" else "none")
-    dtype = cfg.model.dtype if cfg.model.dtype in ("bf16", "fp32") else ("bf16" if on_gpu else "fp32")
+    # model.dtype auto: bf16 on GPUs, fp32 on CPU (build.resolve_dtype)
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(cfg.model.dtype, "bf16" if on_gpu else "fp32")
     hpz, qw, qg = resolved_zeropp(ds, gpus_per_node or 1)
     # without GPUs the ranks of a node are CPU processes sharing its memory
     return PlanConfig(backbone=cfg.model.backbone, nodes=nodes, gpus_per_node=gpus_per_node or ranks_per_node or 1,

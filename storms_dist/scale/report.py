@@ -17,7 +17,7 @@ COLUMNS = [("point", "point"), ("backbone", "params.model.backbone"), ("B params
            ("TFLOP/s/dev", "metrics.study.tflops_per_device"), ("MFU", "metrics.study.mfu"), ("step s", "metrics.study.step_s"),
            ("data %", "metrics.study.data_share"), ("peak GiB", "metrics.study.peak_mem_gib"),
            ("plan GiB", "metrics.study.plan_peak_gib"), ("plan err", "metrics.study.plan_error"),
-           ("accuracy", "metrics.accuracy")]
+           ("accuracy", "metrics.accuracy"), ("latency ms", "metrics.latency_ms_per_item")]
 
 
 def search_study(study_id: str, *, tracking, runs_dir):
@@ -101,6 +101,23 @@ def plots(points, out_dir: Path) -> list[Path]:
     return made
 
 
+def _pipeline_rows(points):
+    """Pipeline points: keep each pipeline's parent run (its stage and eval children carry the study tag too), with
+    the eval child's latency and the backbone's size from the planner's meta-device shape."""
+    if "tags.study_kind" not in points or not (points["tags.study_kind"] == "pipeline").any():
+        return points
+    from storms_dist.scale.shapes import backbone_shape
+
+    names = points.get("tags.mlflow.runName").fillna("")
+    pipes = points[names.str.endswith("/pipeline")].copy()
+    evals = points[names.str.endswith("/eval")]
+    latency = dict(zip(evals["tags.study_point"], evals.get("metrics.latency_ms_per_item", [None] * len(evals))))
+    pipes["metrics.latency_ms_per_item"] = pipes["tags.study_point"].map(latency)
+    pipes["metrics.study.num_params_b"] = [backbone_shape(b).total / 1e9 for b in pipes["params.model.backbone"]]
+    pipes["tags.status"] = pipes["status"].map({"FINISHED": "ok"}).fillna(pipes["status"].str.lower())
+    return pipes
+
+
 def write_report(study_id: str, *, tracking, runs_dir, out_dir: str | Path | None = None) -> dict[str, Path]:
     from mlflow import MlflowClient
 
@@ -108,6 +125,7 @@ def write_report(study_id: str, *, tracking, runs_dir, out_dir: str | Path | Non
     role = runs.get("tags.study_role")
     parent = runs[role == "parent"] if role is not None else runs.iloc[:0]
     points = runs[role != "parent"] if role is not None else runs
+    points = _pipeline_rows(points)
     out = Path(out_dir) if out_dir else Path(runs_dir) / "studies" / study_id
     out.mkdir(parents=True, exist_ok=True)
     print(f"storms study report: {study_id}: {len(points)} point run(s)", flush=True)

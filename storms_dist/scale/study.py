@@ -464,6 +464,12 @@ def _submit_pipeline(spec: StudySpec, cfg_over: list[str], name: str, opts, stud
     tags = {"study_id": study_id, "study_point": name, "study_kind": "pipeline"}
     if parent:
         tags["mlflow.parentRunId"] = parent  # the pipeline's parent run nests under the study's
-    run_dirs = launch(spec.config, [*spec.overrides, *cfg_over, f"name={spec.name}-{name}"], opts, dry_run=dry_run,
-                      out=out, extra_tags=tags)
-    return {"point": name, "status": "dry-run" if dry_run else "submitted", "run_dir": str(run_dirs[0])}
+    from storms_dist.launchers.cli import PipelineFailed
+
+    try:
+        run_dirs = launch(spec.config, [*spec.overrides, *cfg_over, f"name={spec.name}-{name}"], opts,
+                          dry_run=dry_run, out=out, extra_tags=tags)
+    except PipelineFailed as e:  # a failed point is a result of the study, not the end of it
+        return {"point": name, "status": "failed", "run_dir": str(e.run_dirs[-1])}
+    done = "dry-run" if dry_run else ("submitted" if opts.cluster == "slurm" else "ok")
+    return {"point": name, "status": done, "run_dir": str(run_dirs[0])}
