@@ -12,7 +12,9 @@ bottom-right aligned (query t of T sees tail column j iff j <= N - T + t, HF's c
 ``key_mask``. GQA: query head h reads K/V head h // (H / G), the order ``repeat_kv`` uses.
 
 Implementations: ``latent_attention_reference`` (plain torch, differentiable through autograd; the CPU path) and a
-Triton forward + backward (``_LatentAttention``, an autograd Function). ``latent_attention`` dispatches on
+Triton forward + backward (``_LatentAttention``, an autograd Function). With one query column per pass a program per
+K/V head would leave a GPU nearly idle, so the forward and dQ kernels also split the prefix keys across programs
+(flash-decoding style) and merge the partial results by log-sum-exp; dK/dV run one program per key block. ``latent_attention`` dispatches on
 ``backend`` (``auto`` = Triton on CUDA, the reference elsewhere).
 
 Tensor-name legend: B batch, H query heads, G K/V heads, R = H / G, T query columns, P prefix columns, N tail
@@ -105,15 +107,15 @@ if triton_available():
         return tl.dot(a, b)
 
     @triton.jit
-    def _fwd_segment(acc, m_i, l_i, q, K, V, MASK, b, g, seg_len, mask_offset, causal_base, t_M,
+    def _fwd_segment(acc, m_i, l_i, q, K, V, MASK, b, g, lo, hi, mask_offset, causal_base, t_M,
                      stride_kb, stride_kg, stride_kn, stride_vb, stride_vg, stride_vn, stride_mb, sm_scale,
                      D, IS_TAIL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
         """Online softmax over one segment's keys (flash-attention style), continuing ``(acc, m_i, l_i)``."""
         offs_d = tl.arange(0, BLOCK_D)
-        for start in range(0, seg_len, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < seg_len
+            n_ok = offs_n < hi
             kv_ok = n_ok[:, None] & (offs_d[None, :] < D)
             k = tl.load(K + b * stride_kb + g * stride_kg + offs_n[:, None] * stride_kn + offs_d[None, :],
                         mask=kv_ok, other=0.0)
@@ -137,14 +139,18 @@ if triton_available():
         return acc, m_i, l_i
 
     @triton.jit
-    def _fwd_kernel(Q, KP, VP, KT, VT, MASK, O, LSE, sm_scale, H, G, T, M, P, N, D,
+    def _fwd_kernel(Q, KP, VP, KT, VT, MASK, O, LSE, sm_scale, H, G, T, M, P, N, D, SPLIT_LEN, NUM_SPLITS, BHT,
                     stride_qb, stride_qh, stride_qt,
                     stride_kpb, stride_kpg, stride_kpn, stride_vpb, stride_vpg, stride_vpn,
                     stride_ktb, stride_ktg, stride_ktn, stride_vtb, stride_vtg, stride_vtn, stride_mb,
                     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     IEEE: tl.constexpr):
-        pid_m, pid_bg = tl.program_id(0), tl.program_id(1)
+        pid_m, pid_bg, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, g = pid_bg // G, pid_bg % G
+        # split-KV (flash-decoding): this program takes prefix keys [lo, hi); the last split also takes the tail
+        lo = pid_s * SPLIT_LEN
+        hi = tl.minimum(lo + SPLIT_LEN, P)
+        tail_hi = tl.where(pid_s == NUM_SPLITS - 1, N, 0)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < M
@@ -154,29 +160,30 @@ if triton_available():
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, KP, VP, MASK, b, g, P, 0, 0, t_M, stride_kpb, stride_kpg,
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, KP, VP, MASK, b, g, lo, hi, 0, 0, t_M, stride_kpb, stride_kpg,
                                      stride_kpn, stride_vpb, stride_vpg, stride_vpn, stride_mb, sm_scale, D,
                                      False, HAS_MASK, BLOCK_N, BLOCK_D, IEEE)
-        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, KT, VT, MASK, b, g, N, P, N - T, t_M, stride_ktb, stride_ktg,
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, KT, VT, MASK, b, g, 0, tail_hi, P, N - T, t_M, stride_ktb,
+                                     stride_ktg,
                                      stride_ktn, stride_vtb, stride_vtg, stride_vtn, stride_mb, sm_scale, D,
                                      True, HAS_MASK, BLOCK_N, BLOCK_D, IEEE)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
-        row = (b * H + h_M) * T + t_M
-        tl.store(O + row[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+        row = pid_s * BHT + (b * H + h_M) * T + t_M  # O, LSE: per-split partials [NUM_SPLITS, B, H, T, (D)]
+        tl.store(O + row[:, None] * D + offs_d[None, :], out,
                  mask=row_ok[:, None] & (offs_d[None, :] < D))
         tl.store(LSE + row, lse, mask=row_ok)
 
     @triton.jit
-    def _bwd_dq_segment(dq, q, do, lse, delta, K, V, MASK, b, g, seg_len, mask_offset, causal_base, t_M,
+    def _bwd_dq_segment(dq, q, do, lse, delta, K, V, MASK, b, g, lo, hi, mask_offset, causal_base, t_M,
                         stride_kb, stride_kg, stride_kn, stride_vb, stride_vg, stride_vn, stride_mb, sm_scale, D,
                         IS_TAIL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
         offs_d = tl.arange(0, BLOCK_D)
-        for start in range(0, seg_len, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < seg_len
+            n_ok = offs_n < hi
             kv_ok = n_ok[:, None] & (offs_d[None, :] < D)
             k = tl.load(K + b * stride_kb + g * stride_kg + offs_n[:, None] * stride_kn + offs_d[None, :],
                         mask=kv_ok, other=0.0)
@@ -196,14 +203,18 @@ if triton_available():
         return dq
 
     @triton.jit
-    def _bwd_dq_kernel(Q, DO, LSE, DELTA, KP, VP, KT, VT, MASK, DQ, sm_scale, H, G, T, M, P, N, D,
+    def _bwd_dq_kernel(Q, DO, LSE, DELTA, KP, VP, KT, VT, MASK, DQ, sm_scale, H, G, T, M, P, N, D, SPLIT_LEN,
+                       NUM_SPLITS, BHT,
                        stride_qb, stride_qh, stride_qt,
                        stride_kpb, stride_kpg, stride_kpn, stride_vpb, stride_vpg, stride_vpn,
                        stride_ktb, stride_ktg, stride_ktn, stride_vtb, stride_vtg, stride_vtn, stride_mb,
                        HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-        pid_m, pid_bg = tl.program_id(0), tl.program_id(1)
+        pid_m, pid_bg, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, g = pid_bg // G, pid_bg % G
+        lo = pid_s * SPLIT_LEN  # the forward's key splits; partial dQs are summed outside
+        hi = tl.minimum(lo + SPLIT_LEN, P)
+        tail_hi = tl.where(pid_s == NUM_SPLITS - 1, N, 0)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < M
@@ -216,13 +227,14 @@ if triton_available():
         lse = tl.load(LSE + row, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dq = _bwd_dq_segment(dq, q, do, lse, delta, KP, VP, MASK, b, g, P, 0, 0, t_M, stride_kpb, stride_kpg,
+        dq = _bwd_dq_segment(dq, q, do, lse, delta, KP, VP, MASK, b, g, lo, hi, 0, 0, t_M, stride_kpb, stride_kpg,
                              stride_kpn, stride_vpb, stride_vpg, stride_vpn, stride_mb, sm_scale, D,
                              False, HAS_MASK, BLOCK_N, BLOCK_D, IEEE)
-        dq = _bwd_dq_segment(dq, q, do, lse, delta, KT, VT, MASK, b, g, N, P, N - T, t_M, stride_ktb, stride_ktg,
+        dq = _bwd_dq_segment(dq, q, do, lse, delta, KT, VT, MASK, b, g, 0, tail_hi, P, N - T, t_M, stride_ktb,
+                             stride_ktg,
                              stride_ktn, stride_vtb, stride_vtg, stride_vtn, stride_mb, sm_scale, D,
                              True, HAS_MASK, BLOCK_N, BLOCK_D, IEEE)
-        tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=rd_ok)
+        tl.store(DQ + (pid_s * BHT + row)[:, None] * D + offs_d[None, :], dq * sm_scale, mask=rd_ok)
 
     @triton.jit
     def _bwd_dkdv_kernel(Q, DO, LSE, DELTA, K, V, MASK, DK, DV, sm_scale, H, G, T, M, seg_len, mask_offset,
@@ -278,6 +290,14 @@ def _blocks(M: int, D: int) -> tuple[int, int, int]:
     return block_m, 64, max(16, triton.next_power_of_2(D))
 
 
+def _splits(P: int, num_heads_kv: int, block_n: int) -> tuple[int, int]:
+    """(split_len, num_splits) over the prefix keys: one K/V head per program would leave most SMs idle on a long
+    prefix (B * G programs), so the keys are split until there are ~256 programs (fewer for short prefixes)."""
+    want = max(1, min(256 // max(1, num_heads_kv), triton.cdiv(max(P, 1), block_n)))
+    split_len = triton.cdiv(triton.cdiv(max(P, 1), want), block_n) * block_n
+    return split_len, triton.cdiv(max(P, 1), split_len)
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -293,17 +313,24 @@ def _triton_forward(q, kp, vp, kt, vt, mask, has_mask, scale):
     G, P, N = kp.shape[1], kp.shape[2], kt.shape[2]
     M = (H // G) * T
     block_m, block_n, block_d = _blocks(M, D)
-    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(M, block_m), B * G)
-    _fwd_kernel[grid](q, kp, vp, kt, vt, mask, out, lse, scale, H, G, T, M, P, N, D,
+    split_len, num_splits = _splits(P, B * G, block_n)
+    out_parts = torch.empty((num_splits, B, H, T, D), dtype=torch.float32, device=q.device)
+    lse_parts = torch.empty((num_splits, B, H, T), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(M, block_m), B * G, num_splits)
+    _fwd_kernel[grid](q, kp, vp, kt, vt, mask, out_parts, lse_parts, scale, H, G, T, M, P, N, D, split_len,
+                      num_splits, B * H * T,
                       q.stride(0), q.stride(1), q.stride(2),
                       kp.stride(0), kp.stride(1), kp.stride(2), vp.stride(0), vp.stride(1), vp.stride(2),
                       kt.stride(0), kt.stride(1), kt.stride(2), vt.stride(0), vt.stride(1), vt.stride(2),
                       mask.stride(0) if has_mask else 0,
                       HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                       IEEE=q.dtype == torch.float32)
-    return out, lse
+    if num_splits == 1:
+        return out_parts[0].to(q.dtype), lse_parts[0]
+    # the splits' partial softmaxes, merged by log-sum-exp (a split whose keys are all masked has lse = -inf)
+    lse = torch.logsumexp(lse_parts, dim=0)
+    weights = torch.exp(lse_parts - lse.unsqueeze(0)).nan_to_num_(0.0)
+    return (weights.unsqueeze(-1) * out_parts).sum(0).to(q.dtype), lse
 
 
 class _LatentAttention(torch.autograd.Function):
@@ -330,14 +357,16 @@ class _LatentAttention(torch.autograd.Function):
         delta = (d_out.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O) [B, H, T]
         ieee = q.dtype == torch.float32
         mask_stride = mask.stride(0) if has_mask else 0
-        dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-        _bwd_dq_kernel[(triton.cdiv(M, block_m), B * G)](
-            q, d_out, lse, delta, kp, vp, kt, vt, mask, dq, scale, H, G, T, M, P, N, D,
+        split_len, num_splits = _splits(P, B * G, block_n)
+        dq_parts = torch.empty((num_splits, B, H, T, D), dtype=torch.float32, device=q.device)
+        _bwd_dq_kernel[(triton.cdiv(M, block_m), B * G, num_splits)](
+            q, d_out, lse, delta, kp, vp, kt, vt, mask, dq_parts, scale, H, G, T, M, P, N, D, split_len, num_splits,
+            B * H * T,
             q.stride(0), q.stride(1), q.stride(2),
             kp.stride(0), kp.stride(1), kp.stride(2), vp.stride(0), vp.stride(1), vp.stride(2),
             kt.stride(0), kt.stride(1), kt.stride(2), vt.stride(0), vt.stride(1), vt.stride(2), mask_stride,
             HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=ieee)
-        grads = [dq]
+        grads = [dq_parts.sum(0).to(q.dtype)]
         for k, v, seg_len, offset, is_tail in ((kp, vp, P, 0, False), (kt, vt, N, P, True)):
             dk = torch.empty((B, G, seg_len, D), dtype=k.dtype, device=k.device)
             dv = torch.empty((B, G, seg_len, D), dtype=v.dtype, device=v.device)

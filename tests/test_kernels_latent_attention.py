@@ -14,8 +14,9 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # (B, H, G, T, P, N): latent passes (T=1, the tail holds the current column and earlier latents) and a suffix pass
-# (T=3 over a tail of 4 latents + 3 suffix columns); P not a multiple of the kernel's 64-key block.
-SHAPES = [(2, 4, 2, 1, 37, 3), (1, 4, 4, 1, 70, 1), (2, 6, 2, 3, 21, 7)]
+# (T=3 over a tail of 4 latents + 3 suffix columns); P not a multiple of the kernel's 64-key block; P=70 and P=200
+# split the prefix keys over 2 and 4 programs (the first split of row 0 fully masked at P=200).
+SHAPES = [(2, 4, 2, 1, 37, 3), (1, 4, 4, 1, 70, 1), (2, 6, 2, 3, 21, 7), (1, 4, 2, 1, 200, 2)]
 
 
 def _inputs(B, H, G, T, P, N, D=16, dtype=torch.float32, device="cpu", seed=0):
