@@ -14,7 +14,8 @@ records its error and the next one runs. Targets (issue 12) are checked where me
 
 Install (GPU, unless ``--no-install``): when ``nvidia-smi`` sees a GPU but the installed torch has no CUDA, it
 reinstalls torch 2.13.0 from PyPI (the CUDA build; constraints.txt's CPU pin is dropped for this one call), then
-``pip install -e '.[triton,dali,liger]'`` (skipped when all of it is already there), and re-runs itself. flash-attn is built only with ``--flash-attn`` (an nvcc
+``pip install -e '.[triton,dali,liger]'`` (skipped when all of it is already there), and re-runs itself.
+flash-attn is built only with ``--flash-attn`` (an nvcc
 build of many minutes; the FA2 comparisons are skipped without it).
 """
 
@@ -70,7 +71,8 @@ def install(args) -> None:
 
     torch_cuda = False
     if importlib.util.find_spec("torch"):
-        torch_cuda = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(not torch.cuda.is_available())"],
+        probe = "import torch, sys; sys.exit(not torch.cuda.is_available())"
+        torch_cuda = subprocess.run([sys.executable, "-c", probe],
                                     capture_output=True).returncode == 0
     have = all(importlib.util.find_spec(m) for m in ("storms_dist", "triton", "liger_kernel", "nvidia"))
     if torch_cuda and have and not args.flash_attn:
@@ -281,7 +283,8 @@ def decode_preprocess(suite: Suite, device) -> None:
 
     frames_total = n * len(paths)
     pyav = frames_total / _time(cpu_path, repeats=1 if suite.smoke else 2)
-    suite.record("decode + preprocess", "PyAV + CPU preprocess_video", pyav, "frames/s", note=f"{len(paths)} h264 clips")
+    suite.record("decode + preprocess", "PyAV + CPU preprocess_video", pyav, "frames/s",
+                 note=f"{len(paths)} h264 clips")
     if device.type == "cuda" and gpu_decode_available():
         def gpu_path():
             for path in paths:

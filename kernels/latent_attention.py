@@ -14,8 +14,8 @@ bottom-right aligned (query t of T sees tail column j iff j <= N - T + t, HF's c
 Implementations: ``latent_attention_reference`` (plain torch, differentiable through autograd; the CPU path) and a
 Triton forward + backward (``_LatentAttention``, an autograd Function). With one query column per pass a program per
 K/V head would leave a GPU nearly idle, so the forward and dQ kernels also split the prefix keys across programs
-(flash-decoding style) and merge the partial results by log-sum-exp; dK/dV run one program per key block. ``latent_attention`` dispatches on
-``backend`` (``auto`` = Triton on CUDA, the reference elsewhere).
+(flash-decoding style) and merge the partial results by log-sum-exp; dK/dV run one program per key block.
+``latent_attention`` dispatches on ``backend`` (``auto`` = Triton on CUDA, the reference elsewhere).
 
 Tensor-name legend: B batch, H query heads, G K/V heads, R = H / G, T query columns, P prefix columns, N tail
 columns, S = P + N, D head dim, M = R * T query rows of one K/V head.
@@ -64,7 +64,8 @@ def latent_attention_reference(
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain torch; never copies or repeats the prefix K/V (GQA by grouping the query rows), so autograd keeps a
-    reference to the one prefix tensor. Scores and softmax in float32 (float64 for float64 inputs). Returns ``out [B,H,T,D]`` (and ``lse [B,H,T]``)."""
+    reference to the one prefix tensor. Scores and softmax in float32 (float64 for float64 inputs).
+    Returns ``out [B,H,T,D]`` (and ``lse [B,H,T]``)."""
     _check_inputs(q_BHTD, k_prefix_BGPD, v_prefix_BGPD, k_tail_BGND, v_tail_BGND, key_mask_BS)
     B, H, T, D = q_BHTD.shape
     G, P, N = k_prefix_BGPD.shape[1], k_prefix_BGPD.shape[2], k_tail_BGND.shape[2]
