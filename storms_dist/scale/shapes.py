@@ -9,7 +9,7 @@ mergers and tied or untied heads.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from storms_dist.model.registry import get_backbone
 
@@ -65,7 +65,7 @@ def _hf_config(spec):
     return config_cls(**raw), model_cls
 
 
-@lru_cache(maxsize=None)
+@cache
 def backbone_shape(name: str) -> Shape:
     import torch
 
