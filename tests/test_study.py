@@ -88,7 +88,7 @@ def test_report_table_and_plots_are_logged_to_the_parent(cpu_study):
 def test_real_backbone_study_dry_run_shows_what_it_would_submit(capsys):
     from storms_dist.cli import main
 
-    assert main(["study", str(ROOT / "configs/study/qwen2_5_vl_cluster.yaml"), "--dry-run"]) == 0
+    assert main(["study", str(ROOT / "studies/qwen2_5_vl_cluster.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("#SBATCH --nodes=") == 12  # 4 backbones x 1, 2, 4 nodes
     assert "#SBATCH --gpus-per-node=8" in out
