@@ -1,0 +1,1 @@
+"""Scaling: ``storms plan`` (the resource planner), ``storms study`` (throughput / pipeline studies) and their report."""

@@ -145,4 +145,7 @@ def write_report(study_id: str, *, tracking, runs_dir, out_dir: str | Path | Non
         client = MlflowClient()
         for path in [md, *images]:
             client.log_artifact(info["run_id"], str(path), artifact_path="report")
+        # a Slurm study's parent stays RUNNING after submission; it ends with the report once every point has
+        if info.get("status") == "RUNNING" and len(points) and (points["status"] != "RUNNING").all():
+            client.set_terminated(info["run_id"], "FINISHED")
     return {"markdown": md, "plots": images, "parent_run_id": None if info is None else info["run_id"]}
