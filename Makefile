@@ -14,6 +14,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+CORE_STAMP := $(VENV)/.installed-core
 TORCH_VERSION := 2.13.0
 
 # Every pip call applies the torch pin (the CPU wheel on disk); without it pip may resolve a CUDA torch build.
@@ -38,22 +39,26 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, explicitly, so the resolver never considers another torch build for deepspeed & co.
-# The dali extra (nvidia-dali-cuda130, ~200 MB wheel, ~590 MB installed) is part of the test install so that CI runs
-# the real DALI tests (tests/test_dali.py) on CPU; it does not pull in another torch.
-$(STAMP): setup.cfg pyproject.toml constraints.txt | $(PY)
+# `make demo` needs only the core install; `make test` adds the dev and dali extras (test tools, diffusers, triton,
+# liger, and nvidia-dali-cuda130: ~200 MB wheel, ~590 MB installed, so that CI runs the real DALI tests on CPU).
+$(CORE_STAMP): setup.cfg pyproject.toml constraints.txt | $(PY)
 	$(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install -e ".[dev,dali]"
+	$(PIP) install -e .
 	@$(PY) -c "import torch; v = torch.__version__; assert v.startswith('$(TORCH_VERSION)'), f'torch {v} installed, expected $(TORCH_VERSION)'; print(f'torch {v}, cuda available: {torch.cuda.is_available()}')"
 	@touch $@
 
+$(STAMP): $(CORE_STAMP)
+	$(PIP) install -e ".[dev,dali]"
+	@touch $@
+
 install: ## force the install step (normally it runs only when setup.cfg, pyproject.toml or constraints.txt changed)
-	@rm -f $(STAMP)
+	@rm -f $(STAMP) $(CORE_STAMP)
 	@$(MAKE) --no-print-directory $(STAMP)
 
-demo: $(STAMP)  ## run the whole pipeline on the embedded default (synth, Stage 0, targets, Stage I/II, baselines, report)
+demo: $(CORE_STAMP)  ## run the whole pipeline on the embedded default (synth, Stage 0, targets, Stage I/II, baselines, report)
 	$(VENV)/bin/storms demo
 
-demo-quick: $(STAMP)  ## the same pipeline with a tiny budget (configs/demo/synth_quick.yaml), a smoke run
+demo-quick: $(CORE_STAMP)  ## the same pipeline with a tiny budget (configs/demo/synth_quick.yaml), a smoke run
 	$(VENV)/bin/storms demo --quick
 
 test: $(STAMP)  ## the default test suite (excludes the slow marker; slurm tests skip without a cluster)

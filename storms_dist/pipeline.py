@@ -151,7 +151,8 @@ def stage0_hidden_rms(export_dir: str) -> float | None:
 
     for path in sorted(Path(export_dir).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            key = next((k for k in f.keys() if k.endswith("language_model.norm.weight")), None)
+            # save_pretrained's layout ("model.norm.weight") or the module's ("model.language_model.norm.weight")
+            key = next((k for k in f.keys() if k in ("model.norm.weight", "model.language_model.norm.weight")), None)
             if key is not None:
                 return float(f.get_tensor(key).float().pow(2).mean().sqrt())
     return None
@@ -290,7 +291,8 @@ def _report_sections(perception_lines: list[str], target_lines: list[str],
             "variance_ratio = across-sample variance / mean square; probe = nearest-centroid accuracy % from the "
             "target slot of the asked horizon to the answer (80/20 split of train; probe_majority beside it); "
             "target_rms vs hidden_rms = the scale of what the latents are aligned to.", "", *target_lines]
-    buckets = list(dict.fromkeys(b for runs in by_horizon.values() for run in runs for b in run))
+    buckets = sorted({b for runs in by_horizon.values() for run in runs for b in run},
+                     key=lambda b: int(b.split("-")[0]))
     if buckets:
         rows = ["| method | " + " | ".join(f"D {b}" for b in buckets) + " |",
                 "|---|" + "---:|" * len(buckets)]

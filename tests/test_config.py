@@ -160,7 +160,7 @@ def test_override_values_are_yaml():
     assert parse_override("name=a=b") == (["name"], "a=b")  # only the first '=' splits
     assert parse_override("name=") == (["name"], "")
     cfg = load("optim.lr=3e-4", "stage1.lr=2.5e-3", "demo.seeds=[0,1]", "model.num_latents=4",
-               "data.frames.fps=null", "data.frames.num_frames=8", "synth.qtypes=[count, order]")
+               "data.frames.fps=null", "data.frames.num_frames=8", "synth.task=balls", "synth.qtypes=[count, order]")
     assert cfg.optim.lr == pytest.approx(3e-4) and type(cfg.optim.lr) is float
     assert cfg.stage1.lr == pytest.approx(2.5e-3) and type(cfg.stage1.lr) is float
     assert cfg.demo.seeds == (0, 1)
@@ -238,7 +238,7 @@ def test_partial_section_keeps_owner_defaults():
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_dump_load_round_trip(tmp_path, suffix):
     cfg = load("demo.seeds=[0,3]", "optim.betas=[0.8, 0.95]", "model.num_latents=3", "stage1.lr=2e-4",
-               "data.frames.fps=null", "tracking.tracking_uri=file:///tmp/x", "model.init_from=/some/export",
+               "data.frames.max_frames=8", "tracking.tracking_uri=file:///tmp/x", "model.init_from=/some/export",
                path=REPO / "configs/demo/synth_quick.yaml")
     out = tmp_path / f"sub/config{suffix}"
     dump(cfg, out)
@@ -270,7 +270,8 @@ def test_shipped_configs_load(path):
 def test_quick_config_values():
     cfg = load_config(RunConfig, REPO / "configs/demo/synth_quick.yaml")
     assert cfg.name == "demo_quick" and cfg.model.backbone == "qwen2_5_vl-micro" and cfg.model.num_latents == 4
-    assert cfg.data.frames.num_frames == 8 and cfg.data.frames.fps is None  # partial frames merged onto data's default
+    assert cfg.data.frames.fps == 8.0 and cfg.data.frames.num_frames is None  # every frame of the grid clips
+    assert cfg.synth.task == "grid" and cfg.data.max_pixels == 784 and cfg.demo.dynamics_qtypes == ("future_cell",)
     assert cfg.stage0.num_steps == 4 and cfg.stage0.split == "perception" and cfg.stage0.trainable.vision is True
     assert cfg.stage1.align is True and cfg.stage2.mode == "rollout"
     assert cfg.optim.lr == pytest.approx(1e-3)

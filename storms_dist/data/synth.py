@@ -137,15 +137,15 @@ class SynthConfig:
         if self.codec not in ("vp9", "h264"):
             raise ValueError(f"codec: expected 'vp9' or 'h264', got {self.codec!r}")
         valid_qtypes = grid.GRID_QTYPES if self.task == "grid" else QTYPES
-        if self.qtypes is None:
-            self.qtypes = grid.GRID_DEFAULT_QTYPES if self.task == "grid" else QTYPES
-        self.qtypes = tuple(self.qtypes)
-        unknown = [q for q in self.qtypes if q not in valid_qtypes]
+        if self.qtypes is not None:  # None stays None: the task's own list, resolved by question_types
+            self.qtypes = tuple(self.qtypes)
+        types = self.question_types
+        unknown = [q for q in types if q not in valid_qtypes]
         # the grid task may repeat a type (that weights it); the balls task round-robins over distinct types
-        repeated = self.task == "balls" and len(set(self.qtypes)) != len(self.qtypes)
-        if not self.qtypes or unknown or repeated:
+        repeated = self.task == "balls" and len(set(types)) != len(types)
+        if not types or unknown or repeated:
             raise ValueError(f"qtypes: expected a non-empty list of distinct names from {', '.join(valid_qtypes)}, "
-                             f"got {list(self.qtypes)}")
+                             f"got {list(types)}")
         if not 2 <= self.max_balls <= 4:
             raise ValueError(f"max_balls: expected 2..4 (order/speed questions need 2 balls), got {self.max_balls}")
         if not 0.0 <= self.occluder_prob <= 1.0:
@@ -154,6 +154,12 @@ class SynthConfig:
             raise ValueError(f"option_order: expected 'canonical' or 'shuffled', got {self.option_order!r}")
         if self.workers < 1:
             raise ValueError(f"workers: expected >= 1, got {self.workers}")
+
+    @property
+    def question_types(self) -> tuple[str, ...]:
+        if self.qtypes is None:
+            return grid.GRID_DEFAULT_QTYPES if self.task == "grid" else QTYPES
+        return self.qtypes
 
     def num_videos(self, split: str) -> int:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
@@ -763,9 +769,9 @@ def balanced_pick(values: Sequence[Any], k: int, *, seed: int, split: str, key: 
 
 def assignment(cfg: SynthConfig, index: int) -> tuple[str, str, int]:
     """(qtype, variant, k) of video ``index``: qtypes round-robin, then variants round-robin; k counts within."""
-    qtype = cfg.qtypes[index % len(cfg.qtypes)]
+    qtype = cfg.question_types[index % len(cfg.question_types)]
     variants = VARIANTS[qtype]
-    within_qtype = index // len(cfg.qtypes)
+    within_qtype = index // len(cfg.question_types)
     return qtype, variants[within_qtype % len(variants)], within_qtype // len(variants)
 
 
@@ -939,7 +945,7 @@ def make_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> _Vide
 def make_grid_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> _VideoResult:
     """The grid task's video ``index``: the clip, its continuation as the thought video, one question (grid.py)."""
     task = cfg.grid
-    qtype = cfg.qtypes[index % len(cfg.qtypes)]
+    qtype = cfg.question_types[index % len(cfg.question_types)]
     world = grid.sample_world(_rng(cfg, split, index, 0), task)
     suffix = SUFFIX_BY_CODEC[cfg.codec]
     video, thought_video = f"videos/{split}/{index:06d}{suffix}", f"thoughts/{split}/{index:06d}{suffix}"
