@@ -32,10 +32,10 @@ def write_lines(path: Path, lines: list) -> Path:
 
 
 def test_letters() -> None:
-    assert OPTION_LETTERS == ("A", "B", "C", "D", "E", "F", "G", "H")
-    assert [letter(i) for i in range(8)] == list(OPTION_LETTERS)
-    with pytest.raises(ValueError, match="0..7"):
-        letter(8)
+    assert OPTION_LETTERS == tuple("ABCDEFGHIJKLMNOP")  # 16: the grid task's 4 x 4 cells
+    assert [letter(i) for i in range(16)] == list(OPTION_LETTERS)
+    with pytest.raises(ValueError, match="0..15"):
+        letter(16)
 
 
 def test_round_trip_and_path_resolution(tmp_path: Path) -> None:

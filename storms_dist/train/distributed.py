@@ -28,13 +28,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_SINGLE_PROCESS_MARK = "STORMS_SINGLE_PROCESS_ENV"  # "pid:port" of the process that set the one-rank env up
+
+
 def ensure_single_process_env() -> None:
-    """Without a launcher, act as rank 0 of 1 (DeepSpeed would otherwise try MPI discovery)."""
+    """Without a launcher, act as rank 0 of 1 (DeepSpeed would otherwise try MPI discovery).
+
+    A child process (a CLI or torchrun call from a process that trained in-process, e.g. a test session) inherits
+    that one-rank env, whose MASTER_PORT its parent still listens on: it gets its own instead. A launcher's env
+    (torchrun, submitit) has another port than the mark and is kept."""
+    mark = os.environ.get(_SINGLE_PROCESS_MARK, "")
+    pid, _, port = mark.partition(":")
+    if mark and int(pid) != os.getpid() and os.environ.get("MASTER_PORT") == port:
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+            os.environ.pop(key, None)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ[_SINGLE_PROCESS_MARK] = f"{os.getpid()}:{os.environ['MASTER_PORT']}"
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
