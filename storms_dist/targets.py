@@ -97,9 +97,15 @@ def check_normalize(normalize: str) -> str:
 
 
 def standardization(targets_NKD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (slot, feature) mean and standard deviation over samples; a constant feature keeps its scale (std 1)."""
-    mean_KD = targets_NKD.float().mean(dim=0)
-    std_KD = targets_NKD.float().std(dim=0) if len(targets_NKD) > 1 else torch.ones_like(mean_KD)
+    """Per (slot, feature) mean and standard deviation over samples; a constant feature keeps its scale (std 1).
+    Samples with a non-finite target are left out of the statistics: one corrupt entry must not turn every
+    standardised target into NaN (it stays non-finite itself, and the trainer's non-finite policy handles it)."""
+    targets_NKD = targets_NKD.float()
+    finite_N = torch.isfinite(targets_NKD).flatten(1).all(dim=1)
+    if finite_N.any():
+        targets_NKD = targets_NKD[finite_N]
+    mean_KD = targets_NKD.mean(dim=0)
+    std_KD = targets_NKD.std(dim=0) if len(targets_NKD) > 1 else torch.ones_like(mean_KD)
     return mean_KD, torch.where(std_KD > 1e-8, std_KD, torch.ones_like(std_KD))
 
 

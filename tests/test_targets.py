@@ -300,3 +300,12 @@ def test_changing_the_decoder_rebuilds(model, spec, few, cache, monkeypatch):
     old_stamp, new_stamp = rebuilt(model, spec, few, cache, cfg, K)
     assert calls and {k for k in old_stamp if old_stamp[k] != new_stamp[k]} == {"decoder"}
     assert new_stamp["decoder"] == "pyav"
+
+
+def test_standardization_ignores_non_finite_samples():
+    from storms_dist.targets import standardization
+
+    targets = torch.tensor([[[1.0, 2.0]], [[3.0, 6.0]], [[float("nan"), 0.0]]])
+    mean, std = standardization(targets)
+    torch.testing.assert_close(mean, torch.tensor([[2.0, 4.0]]))
+    torch.testing.assert_close(std, targets[:2].std(dim=0))
