@@ -56,7 +56,7 @@ MARK_RGB = (255, 255, 255)
 
 WALLS = ("left", "right", "top", "bottom")
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
-DIRECTIONS = ("up-left", "up-right", "down-left", "down-right")
+DIRECTIONS = grid.DIRECTIONS  # one vocabulary for both tasks
 EXTREMES = ("leftmost", "rightmost", "topmost", "bottommost")
 
 QTYPES = ("extrapolate", "order", "count", "speed_direction", "static")
