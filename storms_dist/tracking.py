@@ -85,6 +85,28 @@ def resolve_tracking_uri(cfg: TrackingConfig, runs_dir: Path) -> str:
     return f"sqlite:///{(Path(runs_dir) / 'mlflow.db').resolve()}"
 
 
+@contextmanager
+def tracking_uri_scope(uri: str):
+    """Point mlflow's fluent API (``mlflow.search_runs``) at ``uri`` for one block. ``mlflow.set_tracking_uri`` is
+    process-global and also exports ``$MLFLOW_TRACKING_URI`` to every later child process, so a bare call leaks
+    one store into every later job of the process: both are restored on exit."""
+    import mlflow
+
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    # is_tracking_uri_set() is also true for the environment alone; only an explicit, different global is kept
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    previous = None if previous == env_before else previous
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
 class TrackingServerUnavailable(ConnectionError):
     """The configured MLflow tracking server does not answer: raised before any job starts (one line)."""
 

@@ -4,6 +4,7 @@ against the measured peak memory of those runs. Plus the Slurm dry run of the re
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,10 @@ def cpu_study(tmp_path_factory):
 def _runs(runs_dir: Path):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{runs_dir / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["storms"], output_format="pandas")
+    from storms_dist.tracking import tracking_uri_scope
+
+    with tracking_uri_scope(f"sqlite:///{runs_dir / 'mlflow.db'}"):
+        return mlflow.search_runs(experiment_names=["storms"], output_format="pandas")
 
 
 def test_study_runs_every_point_as_a_child_of_one_tagged_parent(cpu_study):
@@ -76,13 +79,17 @@ def test_report_table_and_plots_are_logged_to_the_parent(cpu_study):
     assert "| point |" in text and "plan err" in text
     for shape in SHAPES:
         assert f"| {shape} |" in text
-    logged = {Path(a.path).name for a in MlflowClient().list_artifacts(parent["run_id"], "report")}
+    client = MlflowClient(f"sqlite:///{cpu_study / 'mlflow.db'}")
+    logged = {Path(a.path).name for a in client.list_artifacts(parent["run_id"], "report")}
     assert {"report.md", "tokens_per_s_per_device_vs_size.png", "memory_vs_frames.png"} <= logged
     # the report command on its own reads the same runs back
     out = cpu_study / "again"
     assert main(["study", "report", study_id, "--out", str(out), f"runs_dir={cpu_study}"]) == 0
     assert sum(line.startswith("| qwen2_5_vl-") for line in (out / "report.md").read_text().splitlines()) == len(SHAPES)
     assert main(["study", "report", "no-such-study", f"runs_dir={cpu_study}"]) == 2
+    # reading a study back leaves no tracking URI behind for the process's later jobs (it once leaked into
+    # $MLFLOW_TRACKING_URI, and the next pipeline in the same pytest process logged into this study's store)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_real_backbone_study_dry_run_shows_what_it_would_submit(capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from storms_dist.tracking import (
     Tracker,
     TrackingConfig,
     resolve_tracking_uri,
+    tracking_uri_scope,
 )
 
 
@@ -73,6 +75,21 @@ def test_default_uri_is_absolute_sqlite_in_runs_dir(tmp_path: Path, monkeypatch:
     uri = resolve_tracking_uri(TrackingConfig(), Path("runs"))
     assert uri == f"sqlite:///{tmp_path.resolve() / 'runs' / 'mlflow.db'}"
     assert resolve_tracking_uri(TrackingConfig(tracking_uri="http://x:5000"), Path("runs")) == "http://x:5000"
+
+
+def test_tracking_uri_scope_restores_the_global_and_the_environment(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    inner = f"sqlite:///{tmp_path / 'inner.db'}"
+    with tracking_uri_scope(inner):
+        assert mlflow.get_tracking_uri() == inner and os.environ["MLFLOW_TRACKING_URI"] == inner
+    assert "MLFLOW_TRACKING_URI" not in os.environ and not mlflow.is_tracking_uri_set()
+    outer = f"sqlite:///{tmp_path / 'outer.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", outer)
+    with pytest.raises(RuntimeError), tracking_uri_scope(inner):
+        raise RuntimeError("search failed")
+    assert os.environ["MLFLOW_TRACKING_URI"] == outer and mlflow.get_tracking_uri() == outer
 
 
 def test_env_var_overrides_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,11 +23,11 @@ COLUMNS = [("point", "point"), ("backbone", "params.model.backbone"), ("B params
 def search_study(study_id: str, *, tracking, runs_dir):
     import mlflow
 
-    from storms_dist.tracking import resolve_tracking_uri
+    from storms_dist.tracking import resolve_tracking_uri, tracking_uri_scope
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking, Path(runs_dir)))
-    runs = mlflow.search_runs(experiment_names=[tracking.experiment], filter_string=f"tags.study_id = '{study_id}'",
-                              output_format="pandas")
+    with tracking_uri_scope(resolve_tracking_uri(tracking, Path(runs_dir))):
+        runs = mlflow.search_runs(experiment_names=[tracking.experiment],
+                                  filter_string=f"tags.study_id = '{study_id}'", output_format="pandas")
     if runs.empty:
         raise ValueError(f"study {study_id!r}: no MLflow run has tags.study_id = '{study_id}' in experiment "
                          f"{tracking.experiment!r} ({resolve_tracking_uri(tracking, Path(runs_dir))})")
