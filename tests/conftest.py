@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -25,12 +32,10 @@ def tokenizer():
 @pytest.fixture(scope="session", autouse=True)
 def shared_torch_extensions():
     """DeepSpeed JIT-builds a shared-memory comm op on CPU once (~30 s); every test run reuses the build."""
-    from pathlib import Path
-
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "runs" / "torch_extensions"))
 
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_run_config(tmp, data_root, **overrides: str):
@@ -59,3 +64,37 @@ def tiny_synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     ensure_synth(tiny_run_config(root, root / "data"), progress=False)
     return root / "data"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # released on exit: nothing listens there
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 (sqlite backend, local artifact store), shared by the tests that log over HTTP."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port = closed_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    process = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
+         str(folder / "artifacts")],
+        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
+        assert time.time() < deadline, "mlflow server did not come up in 120 s"
+        time.sleep(0.5)
+    yield uri, folder
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)

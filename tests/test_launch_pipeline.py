@@ -3,7 +3,7 @@
 Three pipelines share the machine, submitted together so that Slurm's waits (dependencies, requeues) overlap:
 
 - ``slurm_full``  synth-free full pipeline on Slurm (Stage 0 -> targets array -> Stage I -> Stage II -> eval), 2 tasks
-  per training job with a real gloo rendezvous; its Stage I is requeued mid-run twice: ``scontrol requeue``
+  per training job with a real gloo rendezvous, logging over HTTP to a real ``mlflow server`` on 127.0.0.1; its Stage I is requeued mid-run twice: ``scontrol requeue``
   (Slurm's SIGTERM path) and then SIGUSR2 (what Slurm sends before a time limit: our rank 0 hands the signal to
   submitit, which calls checkpoint() and requeues);
 - ``slurm_fail``  synth job -> targets -> a Stage I that diverges (lr 1e30, on_nonfinite_loss=stop): Stage II and
@@ -145,10 +145,12 @@ def slurm_cluster() -> None:
 
 
 @pytest.fixture(scope="module")
-def slurm_runs(slurm_cluster, workdir, data_root):  # slurm_cluster first: skip before making any data
+def slurm_runs(slurm_cluster, workdir, data_root, mlflow_server):  # slurm_cluster first: skip before making data
     from storms_dist.launchers.state import cancel, overall, pipeline_status
 
-    full, full_out = _launch(common_overrides(workdir, data_root, "slurm_full"), cluster="slurm", tasks_per_node=2)
+    # the full pipeline logs over HTTP to a real `mlflow server` (what a cluster should use); the others to sqlite
+    full, full_out = _launch([*common_overrides(workdir, data_root, "slurm_full"),
+                              f"tracking.tracking_uri={mlflow_server[0]}"], cluster="slurm", tasks_per_node=2)
     interrupter = Interrupter(full, "stage1")
     interrupter.start()
     fail_root = workdir / "data_fail"  # not there yet: the pipeline starts with a synth job
@@ -256,13 +258,28 @@ def test_slurm_failing_stage1_cancels_dependents(slurm_runs):
 
 
 @pytest.mark.slurm
-def test_slurm_full_pipeline(slurm_runs):
+def test_slurm_full_pipeline(slurm_runs, mlflow_server):
     from storms_dist.launchers.state import read_state, wait
 
     run_dir = slurm_runs["full"]
     verdict, statuses = wait(run_dir, timeout_s=850)
     assert verdict == "COMPLETED", [(s.name, s.state, s.note) for s in statuses]
     _check_completed_pipeline(run_dir, ["stage0", "targets", "stage1", "stage2", "eval"])
+    # every Slurm job logged over HTTP to the server, and its artifacts went into the server's store
+    uri, server_folder = mlflow_server
+    assert read_state(run_dir)["mlflow"]["tracking_uri"] == uri
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    _, children = _mlflow_runs(run_dir)
+    for child in children:
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        if child.info.run_name.endswith("/eval"):
+            assert {"metrics.json", "predictions.jsonl"} <= artifacts
+        else:
+            assert {"config.yaml", "summary.json"} <= artifacts, child.info.run_name
+            assert client.get_metric_history(child.info.run_id, "loss"), child.info.run_name
+    assert len(list(server_folder.rglob("summary.json"))) >= 3 and list(server_folder.rglob("predictions.jsonl"))
     # the dependency chain: no stage started before the one it depends on ended
     ids = [s["job_id"] for s in read_state(run_dir)["stages"]]
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "-o", "JobID,Start,End"],

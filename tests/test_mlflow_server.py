@@ -5,64 +5,26 @@ before anything starts."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_run_config
+from conftest import REPO, closed_port, tiny_run_config
 
 from storms_dist.cli import main
 
 QUICK = str(REPO / "configs/demo/synth_quick.yaml")
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # released on exit: nothing listens there
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mlflow_server")
-    port = closed_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    process = subprocess.Popen(
-        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
-         str(folder / "artifacts")],
-        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
-        assert time.time() < deadline, "mlflow server did not come up in 120 s"
-        time.sleep(0.5)
-    yield uri, folder
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
-
-
-@pytest.mark.parametrize("command", ["train", "launch"])
+@pytest.mark.parametrize("command", ["train", "launch", "launch-slurm"])
 def test_a_server_that_is_down_is_one_line_before_anything_runs(tmp_path, capsys, command):
     uri = f"http://127.0.0.1:{closed_port()}"
     runs = tmp_path / "runs"
-    argv = {"train": ["train", QUICK, "--stage", "0"], "launch": ["launch", QUICK, "--cluster", "local"]}[command]
+    argv = {"train": ["train", QUICK, "--stage", "0"], "launch": ["launch", QUICK, "--cluster", "local"],
+            "launch-slurm": ["launch", QUICK, "--cluster", "slurm"]}[command]
     assert main([*argv, f"tracking.tracking_uri={uri}", f"runs_dir={runs}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"storms {command}: error: tracking.tracking_uri {uri}: no MLflow server answers at "
+    assert err.startswith(f"storms {command.split('-')[0]}: error: tracking.tracking_uri {uri}: no MLflow server answers at "
                           f"{uri}/health (") and err.count("\n") == 1, err
     assert not runs.exists()  # nothing was started or submitted
 
