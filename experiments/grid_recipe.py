@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+import types
 
 import torch
 
@@ -38,11 +39,21 @@ def accuracy(model, collate, dataset, letter_ids, num_latents: int, limit: int =
         batch.pop("uids")
         hidden = answer_hidden(model, batch, layout, num_latents)
         pred = model.backbone.lm_head(hidden).argmax(-1)
-        for item, p in zip(items, pred.tolist()):
+        option_logits = option_scores(model, hidden, items, letter_ids)
+        for item, p, o in zip(items, pred.tolist(), option_logits):
             key = item.sample.qtype
             hits.setdefault(key, []).append(int(p == letter_ids[item.sample.answer]))
+            hits.setdefault(key + "@opt", []).append(int(int(o.argmax()) == item.sample.answer_index))
     model.train()
     return {k: 100.0 * sum(v) / len(v) for k, v in hits.items()}
+
+
+def option_scores(model, hidden_BD, items, letter_ids):
+    """Logits of each item's option letters only (padded with -inf to 16): closed-set multiple-choice scoring."""
+    ids = torch.tensor([letter_ids[c] for c in OPTION_LETTERS])
+    logits = model.backbone.lm_head(hidden_BD)[:, ids]
+    counts = torch.tensor([len(item.sample.options) for item in items])
+    return logits.masked_fill(torch.arange(len(ids))[None] >= counts[:, None], float("-inf"))
 
 
 def answer_hidden(model, batch, layout, num_latents):
@@ -77,9 +88,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-embed", action="store_true")
     p.add_argument("--variants", default="")
+    p.add_argument("--frames", default="", help="keep only cell_at_frame questions about these frames (1-based)")
     p.add_argument("--minimal-prompt", action="store_true", help="the question alone (no options/instruction lines)")
     p.add_argument("--merger-scale", type=float, default=None, help="multiply the merger's last linear at init")
     p.add_argument("--norm-init", type=float, default=None, help="final RMSNorm weight at init (output scale)")
+    p.add_argument("--head", default="vocab", choices=("vocab", "options"),
+                   help="answer CE over the vocabulary (as the trainer) or over the item's option letters only")
     p.add_argument("--init", default=None)
     p.add_argument("--save", default=None)
     p.add_argument("--method", default="sft_k0", choices=("sft_k0", "storms", "stage1_only", "stage2_only"))
@@ -122,8 +136,11 @@ def main() -> None:
     letter_ids = {c: tokenizer.convert_tokens_to_ids(c) for c in OPTION_LETTERS}
     if args.mode == "stage0":
         variants = args.variants.split(",") if args.variants else None
+        frames = {int(f) for f in args.frames.split(",")} if args.frames else None
         load = lambda n: VideoQADataset([s for s in read_manifest(f"{args.root}/perception_{n}.jsonl")  # noqa
-                                         if variants is None or s.meta["variant"] in variants], tokenizer, spec, cfg)
+                                         if (variants is None or s.meta["variant"] in variants)
+                                         and (frames is None or s.meta.get("frame", 0) in frames | {0})],
+                                        tokenizer, spec, cfg)
         train, val = load("train"), load("val")
         k = 0
     else:
@@ -152,12 +169,20 @@ def main() -> None:
         lr = args.lr * min(1.0, step / 20) * (1 - step / (args.steps + 1))
         for g in optimizer.param_groups:
             g["lr"] = lr
-        if targets is not None and step <= stage1_steps:
+        aligned = targets is not None and step <= stage1_steps
+        if args.head == "options" and not aligned:  # the item's option letters replace the vocabulary CE
+            hidden = answer_hidden(model, batch, layout, k)
+            gold = torch.tensor([item.sample.answer_index for item in items])
+            loss = torch.nn.functional.cross_entropy(option_scores(model, hidden, items, letter_ids), gold)
+            out = types.SimpleNamespace(ce=loss.detach(), align=None)
+        elif aligned:
             out = model(batch, layout, mode="rollout", targets_BKD=torch.stack([targets[u] for u in uids]))
+            loss = out.loss
         else:
             out = model(batch, layout, mode="rollout" if k else "single")
+            loss = out.loss
         optimizer.zero_grad()
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         losses.append((out.ce.item(), 0.0 if out.align is None else out.align.item()))

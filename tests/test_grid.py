@@ -46,6 +46,10 @@ def test_config_validation_names_the_field() -> None:
         GridTaskConfig(cells=3)
     with pytest.raises(ValueError, match="grid.clip_frames"):
         GridTaskConfig(clip_frames=3)
+    with pytest.raises(ValueError, match="grid.perception_frames"):
+        GridTaskConfig(perception_frames=5)
+    with pytest.raises(ValueError, match="grid.perception_frames"):
+        GridTaskConfig(perception_frames=True)
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +91,13 @@ def test_videos_show_the_clip_and_the_thought_video_its_continuation(grid_set) -
             assert np.abs(colour - grid.ball_colour(col, row, 4)).max() < 24
 
 
-def test_perception_questions_are_dense(grid_set) -> None:
+def test_perception_questions_ask_the_starting_state(grid_set) -> None:
     _, paths = grid_set
     perception = read_manifest(paths["perception_train"])
     train = read_manifest(paths["train"])
-    assert len(perception) == len(train) * 5  # the cell at each of the 4 clip frames + the direction
+    # the default asks the cell at the last clip frame (the state the dynamics start from) and the direction
+    assert len(perception) == len(train) * 2
+    assert {p.meta["frame"] for p in perception if p.meta["variant"] == "cell_at_frame"} == {4}
     first = [p for p in perception if p.meta["source_uid"] == train[0].uid]
     cells = train[0].meta["clip_cells"]
     for p in first:
