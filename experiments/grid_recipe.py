@@ -28,16 +28,21 @@ def data_cfg(root: str) -> DataConfig:
 
 
 @torch.no_grad()
-def accuracy(model, collate, dataset, letter_ids, num_latents: int, limit: int = 400) -> dict[str, float]:
-    """Greedy first answer token after the rollout (teacher-forced suffix = same as generate for one token)."""
+def accuracy(model, collate, dataset, letter_ids, num_latents: int, limit: int = 400,
+             oracle: dict | None = None) -> dict[str, float]:
+    """Greedy first answer token after the rollout (teacher-forced suffix = same as generate for one token); with
+    ``oracle`` (uid -> K targets) the true targets sit in the slots instead of the model's own latents."""
     model.eval()
     hits: dict[str, list[int]] = {}
     indices = list(range(min(limit, len(dataset))))
     for start in range(0, len(indices), 64):
         items = [dataset[i] for i in indices[start:start + 64]]
         batch, layout = collate(items)
-        batch.pop("uids")
-        hidden = answer_hidden(model, batch, layout, num_latents)
+        uids = batch.pop("uids")
+        if oracle is not None:
+            hidden = oracle_hidden(model, batch, layout, torch.stack([oracle[u] for u in uids]))
+        else:
+            hidden = answer_hidden(model, batch, layout, num_latents)
         pred = model.backbone.lm_head(hidden).argmax(-1)
         option_logits = option_scores(model, hidden, items, letter_ids)
         for item, p, o in zip(items, pred.tolist(), option_logits):
@@ -54,6 +59,15 @@ def option_scores(model, hidden_BD, items, letter_ids):
     logits = model.backbone.lm_head(hidden_BD)[:, ids]
     counts = torch.tensor([len(item.sample.options) for item in items])
     return logits.masked_fill(torch.arange(len(ids))[None] >= counts[:, None], float("-inf"))
+
+
+def oracle_hidden(model, batch, layout, targets_BKD):
+    """Hidden state that predicts the first answer letter with the true targets teacher-forced into the slots."""
+    visual = model.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
+    embeds = model.input_embeddings(batch["input_ids"], visual).clone()
+    embeds[:, layout.slots] = targets_BKD.to(embeds.dtype)
+    hidden = model.decoder(embeds, model.rope_positions(batch), batch["attention_mask"], None, visual=visual)
+    return hidden[:, layout.suffix_start]
 
 
 def answer_hidden(model, batch, layout, num_latents):
@@ -94,9 +108,19 @@ def main() -> None:
     p.add_argument("--norm-init", type=float, default=None, help="final RMSNorm weight at init (output scale)")
     p.add_argument("--head", default="vocab", choices=("vocab", "options"),
                    help="answer CE over the vocabulary (as the trainer) or over the item's option letters only")
+    p.add_argument("--thought", default="continuation", choices=("continuation", "until_asked"),
+                   help="until_asked: the thought video plays the motion up to the asked moment and then holds it, "
+                        "so the answer is the last target (current_cell: the last clip frame, held)")
     p.add_argument("--init", default=None)
     p.add_argument("--save", default=None)
-    p.add_argument("--method", default="sft_k0", choices=("sft_k0", "storms", "stage1_only", "stage2_only"))
+    p.add_argument("--method", default="sft_k0", choices=("sft_k0", "storms", "stage1_only", "stage2_only", "oracle"),
+                   help="oracle: the true targets teacher-forced into the slots in training and eval, answer CE only "
+                        "(the upper bound of what the latents can carry)")
+    p.add_argument("--tf-frac", type=float, default=0.0,
+                   help="first fraction of Stage I teacher-forced (targets in the slots), the rest rolled out")
+    p.add_argument("--stage1-mode", default="rollout", choices=("rollout", "single"),
+                   help="Stage I rolls out (default) or teacher-forces the targets into the slots (the trainer's "
+                        "stage1.mode default)")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--stage1-frac", type=float, default=0.5)
@@ -152,10 +176,17 @@ def main() -> None:
         param.requires_grad = args.train_embed or "embed_tokens" not in name and "lm_head" not in name
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    targets = None
-    if args.mode == "method" and args.method in ("storms", "stage1_only"):
-        targets = build_targets(model, train, k)
-    stage1_steps = {"storms": int(args.steps * args.stage1_frac), "stage1_only": args.steps}.get(args.method, 0)
+    targets = val_targets = None
+    if args.mode == "method" and args.thought == "until_asked":
+        for dataset in (train, val):
+            dataset.samples = [until_asked_thought(sample, f"runs/exp/thoughts_until_asked") for sample in dataset.samples]
+    if args.mode == "method" and args.method in ("storms", "stage1_only", "oracle"):
+        targets, val_targets = build_targets(model, train, k, val)
+    if args.method == "oracle":
+        model.align_weight = 0.0
+    stage1_steps = {"storms": int(args.steps * args.stage1_frac), "stage1_only": args.steps,
+                    "oracle": args.steps}.get(args.method, 0)
+    stage1_mode = "single" if args.method == "oracle" else args.stage1_mode
     started = time.time()
     losses = []
     order: list[int] = []
@@ -176,7 +207,8 @@ def main() -> None:
             loss = torch.nn.functional.cross_entropy(option_scores(model, hidden, items, letter_ids), gold)
             out = types.SimpleNamespace(ce=loss.detach(), align=None)
         elif aligned:
-            out = model(batch, layout, mode="rollout", targets_BKD=torch.stack([targets[u] for u in uids]))
+            mode = "single" if step <= args.tf_frac * stage1_steps else stage1_mode
+            out = model(batch, layout, mode=mode, targets_BKD=torch.stack([targets[u] for u in uids]))
             loss = out.loss
         else:
             out = model(batch, layout, mode="rollout" if k else "single")
@@ -187,7 +219,7 @@ def main() -> None:
         optimizer.step()
         losses.append((out.ce.item(), 0.0 if out.align is None else out.align.item()))
         if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(model, collate, val, letter_ids, k)
+            acc = accuracy(model, collate, val, letter_ids, k, oracle=val_targets if args.method == "oracle" else None)
             ce = sum(x[0] for x in losses[-50:]) / min(50, len(losses))
             al = sum(x[1] for x in losses[-50:]) / min(50, len(losses))
             print(f"step {step} ce {ce:.3f} align {al:.3f} val {({k2: round(v, 1) for k2, v in acc.items()})} "
@@ -196,29 +228,56 @@ def main() -> None:
         torch.save(model.backbone.state_dict(), args.save)
 
 
+def until_asked_thought(sample, folder: str):
+    """A copy of ``sample`` whose thought video is the motion up to the asked moment, then held still."""
+    import dataclasses
+    from pathlib import Path
+
+    import numpy as np
+
+    from storms_dist.data import grid
+    from storms_dist.data.video_io import write_video
+
+    cells = np.asarray(sample.meta["thought_cells"])
+    asked = sample.meta.get("horizon", 0)  # current_cell: the clip's last frame
+    last = np.asarray(sample.meta["clip_cells"][-1]) if asked == 0 else cells[asked - 1]
+    held = np.concatenate([cells[:asked], np.repeat(last[None], len(cells) - asked, 0)])
+    path = Path(folder) / f"{sample.uid}.webm"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(path, grid.render(held, 4), 8.0, "vp9")
+    return dataclasses.replace(sample, thought_video=str(path.resolve()))
+
+
 @torch.no_grad()
-def build_targets(model, dataset, k):
-    """Pooled thought-video targets from the starting model's tower, standardised per (slot, feature)."""
+def build_targets(model, dataset, k, val_dataset=None):
+    """Pooled thought-video targets from the starting model's tower, standardised per (slot, feature) with the
+    train set's statistics (applied to ``val_dataset`` too, for the oracle)."""
     from storms_dist.data.dataset import load_video_inputs
     from storms_dist.model.latent import pool_targets
 
     spec = VisionSpec.from_hf_config(model.backbone.config)
-    out = {}
-    samples = dataset.samples
-    for start in range(0, len(samples), 64):
-        chunk = samples[start:start + 64]
-        videos = [load_video_inputs(s.thought_path, spec, dataset.cfg) for s in chunk]
-        visual = model.encode_video(torch.cat([v.pixel_values_videos for v in videos]),
-                                    torch.stack([v.video_grid_thw for v in videos]))
-        num_tokens = [int(v.video_grid_thw.prod()) // spec.merge_size**2 for v in videos]
-        for s, tok in zip(chunk, visual.embeds_ND.split(num_tokens)):
-            out[s.uid] = pool_targets(tok.float(), k)
+
+    def encode(samples, cfg):
+        out = {}
+        for start in range(0, len(samples), 64):
+            chunk = samples[start:start + 64]
+            videos = [load_video_inputs(s.thought_path, spec, cfg) for s in chunk]
+            visual = model.encode_video(torch.cat([v.pixel_values_videos for v in videos]),
+                                        torch.stack([v.video_grid_thw for v in videos]))
+            num_tokens = [int(v.video_grid_thw.prod()) // spec.merge_size**2 for v in videos]
+            for s, tok in zip(chunk, visual.embeds_ND.split(num_tokens)):
+                out[s.uid] = pool_targets(tok.float(), k)
+        return out
+
+    out = encode(dataset.samples, dataset.cfg)
     stacked = torch.stack(list(out.values()))
     mean, std = standardization(stacked)
     ms = stacked.pow(2).mean().item()
     var = stacked.var(0).mean().item()
     print(f"targets: mean square {ms:.4f}, across-sample variance {var:.4f} ({var / ms:.3f} of it)", flush=True)
-    return {u: (t - mean) / std for u, t in out.items()}
+    val_out = encode(val_dataset.samples, val_dataset.cfg) if val_dataset is not None else {}
+    return ({u: (t - mean) / std for u, t in out.items()}, {u: (t - mean) / std for u, t in val_out.items()})
 
 
 if __name__ == "__main__":

@@ -72,12 +72,25 @@ def test_generated_questions_match_the_ground_truth(grid_set) -> None:
             col, row = s.meta["clip_cells"][-1]
         assert s.answer == OPTION_LETTERS[row * 4 + col]
         assert "Options: A-P" in s.meta["prompt"]
-    first = samples[0]
-    assert trajectory(tuple(first.meta["start"]), tuple(first.meta["velocity"]), 20, 4).tolist() == \
-        first.meta["clip_cells"] + first.meta["thought_cells"]
+    # the thought video (grid.thought: until_asked) plays the true motion up to the asked moment, then holds it:
+    # its last frame is the answer's state for every horizon
+    for s in samples[:8]:
+        path = trajectory(tuple(s.meta["start"]), tuple(s.meta["velocity"]), 20, 4).tolist()
+        asked = s.meta.get("horizon", 0)
+        assert s.meta["clip_cells"] == path[:4] and s.meta["thought"] == "until_asked"
+        assert s.meta["thought_cells"] == path[4:4 + asked] + [path[3 + asked]] * (16 - asked)
+        col, row = s.meta["thought_cells"][-1]
+        assert s.answer == OPTION_LETTERS[row * 4 + col]
 
 
-def test_videos_show_the_clip_and_the_thought_video_its_continuation(grid_set) -> None:
+def test_continuation_thought_is_the_next_frames_whatever_is_asked(tmp_path) -> None:
+    cfg = SynthConfig(num_train=4, num_val=0, num_test=0, workers=1, grid=GridTaskConfig(thought="continuation"))
+    for s in read_manifest(generate(cfg, tmp_path)["train"]):
+        path = trajectory(tuple(s.meta["start"]), tuple(s.meta["velocity"]), 20, 4).tolist()
+        assert s.meta["clip_cells"] + s.meta["thought_cells"] == path and s.meta["thought"] == "continuation"
+
+
+def test_videos_show_the_clip_and_the_thought_video(grid_set) -> None:
     _, paths = grid_set
     sample = read_manifest(paths["train"])[0]
     for path, cells in ((sample.video_path, sample.meta["clip_cells"]),

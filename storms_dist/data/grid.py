@@ -10,8 +10,9 @@ content of every patch.
 Dynamics: the ball moves one cell per frame on each axis (diagonally) and reflects off the walls. The question asks
 for its cell ``D`` frames after the clip, with ``D`` drawn per item from ``horizons`` and written in the question:
 one forward pass must compute a ``(cell, velocity, D)`` lookup with bounces, while the thought video -- the
-ground-truth continuation, two frames (= one merged token = one of the K targets) per latent step -- lays out the
-state ``k`` steps ahead in target ``k``. A static control asks for the ball's cell at the end of the clip.
+ground-truth motion up to the asked moment, then held, two frames (= one merged token = one of the K targets) per
+latent step -- lays out the state ``k`` steps on in target ``k`` and ends on the answer's state
+(``thought_cells``). A static control asks for the ball's cell at the end of the clip.
 
 Everything is a pure function of ``(seed, split, index)``; ``synth.py`` owns the output folder and manifests.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -45,7 +46,13 @@ class GridTaskConfig:
     horizons: tuple[int, int] = (1, 16)
     """Inclusive range of D, the frames after the clip the question asks about (<= thought_frames)."""
     thought_frames: int = 16
-    """Frames of the thought video (the continuation): 2 per latent step, so K = thought_frames / 2 targets."""
+    """Frames of the thought video: 2 per latent step, so K = thought_frames / 2 targets."""
+    thought: Literal["until_asked", "continuation"] = "until_asked"
+    """What the thought video imagines. ``until_asked``: the motion from the clip's end up to the asked moment
+    (D frames on), then held still -- so the last target is the answer's state for every D, as the paper's thought
+    video ends where its answer is. ``continuation``: the next ``thought_frames`` frames whatever D is -- the answer
+    then sits in target (D - 1) // 2, and reading the slot a number in the question names was not learned even with
+    the true targets in the slots (docs/results.md, session 5)."""
     perception_frames: int = 1
     """Stage 0 asks the ball's cell at the last ``perception_frames`` clip frames and its direction of motion (0: no
     perception set). 1 -- the state the dynamics start from -- is learned in ~250 steps; asking every frame makes
@@ -66,6 +73,8 @@ class GridTaskConfig:
                 or not 0 <= self.perception_frames <= self.clip_frames):
             raise ValueError(f"grid.perception_frames: expected an int in 0..clip_frames={self.clip_frames} (the last "
                              f"N clip frames Stage 0 asks about), got {self.perception_frames!r}")
+        if self.thought not in ("until_asked", "continuation"):
+            raise ValueError(f"grid.thought: expected 'until_asked' or 'continuation', got {self.thought!r}")
         self.horizons = tuple(self.horizons)
         low, high = self.horizons
         if not 1 <= low <= high <= self.thought_frames:
@@ -182,6 +191,15 @@ def sample_world(rng: np.random.Generator, cfg: GridTaskConfig) -> GridWorld:
     path = trajectory(start, velocity, cfg.clip_frames + cfg.thought_frames, cfg.cells)
     return GridWorld(clip_T2=path[:cfg.clip_frames], thought_T2=path[cfg.clip_frames:], start=start,
                      velocity=velocity, horizon=horizon)
+
+
+def thought_cells(world: GridWorld, qtype: str, cfg: GridTaskConfig) -> np.ndarray:
+    """The ball's cell in each thought-video frame (``cfg.thought``); ``current_cell`` asks about the clip's end."""
+    if cfg.thought == "continuation":
+        return world.thought_T2
+    asked = world.horizon if qtype == "future_cell" else 0
+    state = world.thought_T2[asked - 1] if asked else world.clip_T2[-1]
+    return np.concatenate([world.thought_T2[:asked], np.repeat(state[None], len(world.thought_T2) - asked, axis=0)])
 
 
 def cell_options(cells: int) -> tuple[str, ...]:

@@ -943,14 +943,15 @@ def make_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> _Vide
 
 
 def make_grid_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> _VideoResult:
-    """The grid task's video ``index``: the clip, its continuation as the thought video, one question (grid.py)."""
+    """The grid task's video ``index``: the clip, its thought video (grid.thought_cells), one question (grid.py)."""
     task = cfg.grid
     qtype = cfg.question_types[index % len(cfg.question_types)]
     world = grid.sample_world(_rng(cfg, split, index, 0), task)
     suffix = SUFFIX_BY_CODEC[cfg.codec]
     video, thought_video = f"videos/{split}/{index:06d}{suffix}", f"thoughts/{split}/{index:06d}{suffix}"
+    thought = grid.thought_cells(world, qtype, task)
     write_video(out_dir / video, grid.render(world.clip_T2, task.cells), cfg.fps, cfg.codec)
-    write_video(out_dir / thought_video, grid.render(world.thought_T2, task.cells), cfg.fps, cfg.codec)
+    write_video(out_dir / thought_video, grid.render(thought, task.cells), cfg.fps, cfg.codec)
 
     def plan(question: grid.GridQuestion) -> QuestionPlan:
         return QuestionPlan(variant=question.variant, question=question.question, options=question.options,
@@ -958,9 +959,9 @@ def make_grid_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> 
 
     main = grid.main_question(world, qtype, task)
     perception = [plan(q) for q in grid.perception_questions(world, task)] if split in PERCEPTION_SPLITS else []
-    meta = {"variant": qtype, "task": "grid", "thought": "continuation", "start": list(world.start),
+    meta = {"variant": qtype, "task": "grid", "thought": task.thought, "start": list(world.start),
             "velocity": list(world.velocity), "clip_cells": world.clip_T2.tolist(),
-            "thought_cells": world.thought_T2.tolist(), "baselines": grid.baseline_answers(world, task),
+            "thought_cells": thought.tolist(), "baselines": grid.baseline_answers(world, task),
             **main.meta}
     return _VideoResult(split=split, index=index, qtype=qtype, plan=plan(main), perception=tuple(perception),
                         video=video, thought_video=thought_video, meta=meta)

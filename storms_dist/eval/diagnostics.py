@@ -94,7 +94,9 @@ def target_informativeness(targets_NKD: torch.Tensor, samples: Sequence[Sample],
     - ``variance_ratio``: across-sample variance per (slot, feature) over the mean square (0 = every sample's
       target is the same, so MSE alignment says nothing about which thought a question needs);
     - ``probe_accuracy``: a nearest-centroid probe from the target of the slot that holds the asked horizon
-      (slot ``(D-1) * K // thought_frames``) to the answer, fit on the first 80 % of samples, scored on the rest;
+      (the last slot for a thought video that ends at the asked moment, ``meta.thought == "until_asked"``; slot
+      ``(D-1) * K // thought_frames`` for a continuation) to the answer, fit on the first 80 % of samples, scored
+      on the rest;
     - ``target_rms`` beside ``hidden_rms`` (the RMS of the last-layer states the latents are, if given).
     """
     targets = targets_NKD.float()
@@ -107,8 +109,12 @@ def target_informativeness(targets_NKD: torch.Tensor, samples: Sequence[Sample],
         num_latents = targets.shape[1]
         thought_frames = len(rows[0][1].meta.get("thought_cells", [])) or num_latents
         mean, std = targets.mean(0), targets.std(0).clamp_min(1e-8)
-        features = torch.stack([((targets[i] - mean) / std)[(s.meta["horizon"] - 1) * num_latents // thought_frames]
-                                for i, s in rows])
+        def asked_slot(s: Sample) -> int:
+            if s.meta.get("thought") == "until_asked":
+                return num_latents - 1
+            return (s.meta["horizon"] - 1) * num_latents // thought_frames
+
+        features = torch.stack([((targets[i] - mean) / std)[asked_slot(s)] for i, s in rows])
         labels = [s.answer for _, s in rows]
         split = int(len(rows) * (1 - holdout))
         centroids = {a: features[[j for j in range(split) if labels[j] == a]].mean(0) for a in set(labels[:split])}
