@@ -179,7 +179,8 @@ def main() -> None:
     targets = val_targets = None
     if args.mode == "method" and args.thought == "until_asked":
         for dataset in (train, val):
-            dataset.samples = [until_asked_thought(sample, f"runs/exp/thoughts_until_asked") for sample in dataset.samples]
+            dataset.samples = [until_asked_thought(sample, "runs/exp/thoughts_until_asked")
+                               for sample in dataset.samples]
     if args.mode == "method" and args.method in ("storms", "stage1_only", "oracle"):
         targets, val_targets = build_targets(model, train, k, val)
     if args.method == "oracle":

@@ -5,7 +5,6 @@ before anything starts."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,8 @@ def test_a_server_that_is_down_is_one_line_before_anything_runs(tmp_path, capsys
             "launch-slurm": ["launch", QUICK, "--cluster", "slurm"]}[command]
     assert main([*argv, f"tracking.tracking_uri={uri}", f"runs_dir={runs}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"storms {command.split('-')[0]}: error: tracking.tracking_uri {uri}: no MLflow server answers at "
+    name = command.split("-")[0]
+    assert err.startswith(f"storms {name}: error: tracking.tracking_uri {uri}: no MLflow server answers at "
                           f"{uri}/health (") and err.count("\n") == 1, err
     assert not runs.exists()  # nothing was started or submitted
 
