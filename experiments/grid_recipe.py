@@ -29,11 +29,12 @@ def data_cfg(root: str) -> DataConfig:
 
 @torch.no_grad()
 def accuracy(model, collate, dataset, letter_ids, num_latents: int, limit: int = 400,
-             oracle: dict | None = None) -> dict[str, float]:
+             oracle: dict | None = None, slot_targets: dict | None = None) -> dict[str, float]:
     """Greedy first answer token after the rollout (teacher-forced suffix = same as generate for one token); with
     ``oracle`` (uid -> K targets) the true targets sit in the slots instead of the model's own latents."""
     model.eval()
     hits: dict[str, list[int]] = {}
+    slot_errors: dict[str, list[float]] = {}
     indices = list(range(min(limit, len(dataset))))
     for start in range(0, len(indices), 64):
         items = [dataset[i] for i in indices[start:start + 64]]
@@ -43,6 +44,10 @@ def accuracy(model, collate, dataset, letter_ids, num_latents: int, limit: int =
             hidden = oracle_hidden(model, batch, layout, torch.stack([oracle[u] for u in uids]))
         else:
             hidden = answer_hidden(model, batch, layout, num_latents)
+            if slot_targets is not None and num_latents:  # the rollout's MSE to the true targets, per slot
+                error = (answer_hidden.latents_BKD - torch.stack([slot_targets[u] for u in uids])).pow(2).mean(-1)
+                for slot, values in enumerate(error.T.tolist()):
+                    slot_errors.setdefault(f"mse{slot}", []).extend(values)
         pred = model.backbone.lm_head(hidden).argmax(-1)
         option_logits = option_scores(model, hidden, items, letter_ids)
         for item, p, o in zip(items, pred.tolist(), option_logits):
@@ -50,7 +55,8 @@ def accuracy(model, collate, dataset, letter_ids, num_latents: int, limit: int =
             hits.setdefault(key, []).append(int(p == letter_ids[item.sample.answer]))
             hits.setdefault(key + "@opt", []).append(int(int(o.argmax()) == item.sample.answer_index))
     model.train()
-    return {k: 100.0 * sum(v) / len(v) for k, v in hits.items()}
+    return {**{k: 100.0 * sum(v) / len(v) for k, v in hits.items()},
+            **{k: sum(v) / len(v) for k, v in slot_errors.items()}}
 
 
 def option_scores(model, hidden_BD, items, letter_ids):
@@ -84,11 +90,14 @@ def answer_hidden(model, batch, layout, num_latents):
     h = model.decoder(embeds[:, :P], pos[:, :, :P], mask[:, :P], cache, visual=visual)[:, -1:]
     m = mask[:, :P]
     ones = m[:, :1].new_ones(m.shape[0], 1)
+    latents = []
     for k in range(num_latents):
+        latents.append(h)
         m = torch.cat([m, ones], 1)
         h = model.decoder(h, pos[:, :, P + k:P + k + 1], m, cache)
     m = torch.cat([m, ones], 1)
     h = model.decoder(embeds[:, S0:S0 + 1], pos[:, :, S0:S0 + 1], m, cache)
+    answer_hidden.latents_BKD = torch.cat(latents, 1)  # read by accuracy() for the per-slot alignment
     return h[:, -1]
 
 
@@ -220,7 +229,8 @@ def main() -> None:
         optimizer.step()
         losses.append((out.ce.item(), 0.0 if out.align is None else out.align.item()))
         if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(model, collate, val, letter_ids, k, oracle=val_targets if args.method == "oracle" else None)
+            acc = accuracy(model, collate, val, letter_ids, k, oracle=val_targets if args.method == "oracle" else None,
+                           slot_targets=val_targets or None)
             ce = sum(x[0] for x in losses[-50:]) / min(50, len(losses))
             al = sum(x[1] for x in losses[-50:]) / min(50, len(losses))
             print(f"step {step} ce {ce:.3f} align {al:.3f} val {({k2: round(v, 1) for k2, v in acc.items()})} "
