@@ -66,7 +66,7 @@ def test_plan_matches_measured_peak_memory(cpu_study):
     assert all(abs(e) <= VALIDATED_ERROR for e in errors.values()), errors
 
 
-def test_report_table_and_plots_are_logged_to_the_parent(cpu_study):
+def test_report_table_and_plots_are_logged_to_the_parent(cpu_study, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from storms_dist.cli import main
@@ -90,6 +90,10 @@ def test_report_table_and_plots_are_logged_to_the_parent(cpu_study):
     # reading a study back leaves no tracking URI behind for the process's later jobs (it once leaked into
     # $MLFLOW_TRACKING_URI, and the next pipeline in the same pytest process logged into this study's store)
     assert "MLFLOW_TRACKING_URI" not in os.environ
+    # the report logs to the study's store, never to MLflow's default one in the working directory (./mlflow.db)
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "report", study_id, "--out", str(tmp_path / "third"), f"runs_dir={cpu_study}"]) == 0
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_real_backbone_study_dry_run_shows_what_it_would_submit(capsys):

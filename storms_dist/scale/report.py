@@ -142,7 +142,9 @@ def write_report(study_id: str, *, tracking, runs_dir, out_dir: str | Path | Non
     md.write_text(text)
     images = plots(points, out)
     if info is not None:
-        client = MlflowClient()
+        from storms_dist.tracking import resolve_tracking_uri
+
+        client = MlflowClient(resolve_tracking_uri(tracking, Path(runs_dir)))  # the store search_study read
         for path in [md, *images]:
             client.log_artifact(info["run_id"], str(path), artifact_path="report")
         # a Slurm study's parent stays RUNNING after submission; it ends with the report once every point has
