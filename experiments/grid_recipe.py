@@ -43,9 +43,9 @@ def accuracy(model, collate, dataset, letter_ids, num_latents: int, limit: int =
         if oracle is not None:
             hidden = oracle_hidden(model, batch, layout, torch.stack([oracle[u] for u in uids]))
         else:
-            hidden = answer_hidden(model, batch, layout, num_latents)
+            hidden, latents_BKD = answer_hidden(model, batch, layout, num_latents)
             if slot_targets is not None and num_latents:  # the rollout's MSE to the true targets, per slot
-                error = (answer_hidden.latents_BKD - torch.stack([slot_targets[u] for u in uids])).pow(2).mean(-1)
+                error = (latents_BKD - torch.stack([slot_targets[u] for u in uids])).pow(2).mean(-1)
                 for slot, values in enumerate(error.T.tolist()):
                     slot_errors.setdefault(f"mse{slot}", []).extend(values)
         pred = model.backbone.lm_head(hidden).argmax(-1)
@@ -77,7 +77,7 @@ def oracle_hidden(model, batch, layout, targets_BKD):
 
 
 def answer_hidden(model, batch, layout, num_latents):
-    """Hidden state that predicts the first answer letter (after the rollout when K > 0)."""
+    """Hidden state that predicts the first answer letter (after the rollout when K > 0), and the K latents."""
     visual = model.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
     pos = model.rope_positions(batch)
     embeds = model.input_embeddings(batch["input_ids"], visual)
@@ -85,7 +85,7 @@ def answer_hidden(model, batch, layout, num_latents):
     mask = batch["attention_mask"]
     if num_latents == 0:
         hidden = model.decoder(embeds, pos, mask, None, visual=visual)
-        return hidden[:, P - 1]
+        return hidden[:, P - 1], None
     cache = model.new_cache()
     h = model.decoder(embeds[:, :P], pos[:, :, :P], mask[:, :P], cache, visual=visual)[:, -1:]
     m = mask[:, :P]
@@ -97,8 +97,7 @@ def answer_hidden(model, batch, layout, num_latents):
         h = model.decoder(h, pos[:, :, P + k:P + k + 1], m, cache)
     m = torch.cat([m, ones], 1)
     h = model.decoder(embeds[:, S0:S0 + 1], pos[:, :, S0:S0 + 1], m, cache)
-    answer_hidden.latents_BKD = torch.cat(latents, 1)  # read by accuracy() for the per-slot alignment
-    return h[:, -1]
+    return h[:, -1], torch.cat(latents, 1)
 
 
 def main() -> None:
@@ -117,9 +116,6 @@ def main() -> None:
     p.add_argument("--norm-init", type=float, default=None, help="final RMSNorm weight at init (output scale)")
     p.add_argument("--head", default="vocab", choices=("vocab", "options"),
                    help="answer CE over the vocabulary (as the trainer) or over the item's option letters only")
-    p.add_argument("--thought", default="continuation", choices=("continuation", "until_asked"),
-                   help="until_asked: the thought video plays the motion up to the asked moment and then holds it, "
-                        "so the answer is the last target (current_cell: the last clip frame, held)")
     p.add_argument("--init", default=None)
     p.add_argument("--save", default=None)
     p.add_argument("--method", default="sft_k0", choices=("sft_k0", "storms", "stage1_only", "stage2_only", "oracle"),
@@ -186,10 +182,6 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     targets = val_targets = None
-    if args.mode == "method" and args.thought == "until_asked":
-        for dataset in (train, val):
-            dataset.samples = [until_asked_thought(sample, "runs/exp/thoughts_until_asked")
-                               for sample in dataset.samples]
     if args.mode == "method" and args.method in ("storms", "stage1_only", "oracle"):
         targets, val_targets = build_targets(model, train, k, val)
     if args.method == "oracle":
@@ -212,7 +204,7 @@ def main() -> None:
             g["lr"] = lr
         aligned = targets is not None and step <= stage1_steps
         if args.head == "options" and not aligned:  # the item's option letters replace the vocabulary CE
-            hidden = answer_hidden(model, batch, layout, k)
+            hidden, _ = answer_hidden(model, batch, layout, k)
             gold = torch.tensor([item.sample.answer_index for item in items])
             loss = torch.nn.functional.cross_entropy(option_scores(model, hidden, items, letter_ids), gold)
             out = types.SimpleNamespace(ce=loss.detach(), align=None)
@@ -237,27 +229,6 @@ def main() -> None:
                   f"({time.time() - started:.0f} s)", flush=True)
     if args.save:
         torch.save(model.backbone.state_dict(), args.save)
-
-
-def until_asked_thought(sample, folder: str):
-    """A copy of ``sample`` whose thought video is the motion up to the asked moment, then held still."""
-    import dataclasses
-    from pathlib import Path
-
-    import numpy as np
-
-    from storms_dist.data import grid
-    from storms_dist.data.video_io import write_video
-
-    cells = np.asarray(sample.meta["thought_cells"])
-    asked = sample.meta.get("horizon", 0)  # current_cell: the clip's last frame
-    last = np.asarray(sample.meta["clip_cells"][-1]) if asked == 0 else cells[asked - 1]
-    held = np.concatenate([cells[:asked], np.repeat(last[None], len(cells) - asked, 0)])
-    path = Path(folder) / f"{sample.uid}.webm"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_video(path, grid.render(held, 4), 8.0, "vp9")
-    return dataclasses.replace(sample, thought_video=str(path.resolve()))
 
 
 @torch.no_grad()

@@ -25,12 +25,13 @@ def search_study(study_id: str, *, tracking, runs_dir):
 
     from storms_dist.tracking import resolve_tracking_uri, tracking_uri_scope
 
-    with tracking_uri_scope(resolve_tracking_uri(tracking, Path(runs_dir))):
+    uri = resolve_tracking_uri(tracking, Path(runs_dir))
+    with tracking_uri_scope(uri):
         runs = mlflow.search_runs(experiment_names=[tracking.experiment],
                                   filter_string=f"tags.study_id = '{study_id}'", output_format="pandas")
     if runs.empty:
         raise ValueError(f"study {study_id!r}: no MLflow run has tags.study_id = '{study_id}' in experiment "
-                         f"{tracking.experiment!r} ({resolve_tracking_uri(tracking, Path(runs_dir))})")
+                         f"{tracking.experiment!r} ({uri})")
     return runs
 
 
