@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from storms_dist.data import grid
-from storms_dist.data.grid import GridTaskConfig, reflect_step, trajectory
 from storms_dist.data.manifest import OPTION_LETTERS, read_manifest
-from storms_dist.data.synth import SynthConfig, generate
+from storms_dist.data.synth import SynthConfig, generate, grid
+from storms_dist.data.synth.grid import GridTaskConfig, reflect_step, trajectory
 from storms_dist.data.video_io import decode_frames
 from storms_dist.eval import diagnostics
 

@@ -136,7 +136,8 @@ class ProceduralGenerator:
         return self._approximate(sample, scene, cfg)
 
     def _exact(self, sample: Sample, scene_json: dict, cfg) -> GeneratedVideo | None:
-        from storms_dist.data.synth import _rng, assignment, balanced_pick, render, sample_world, target_values
+        from storms_dist.data.synth import assignment, balanced_pick, render, sample_world, target_values
+        from storms_dist.data.synth.generator import _rng
 
         prefix = f"synth-{sample.split}-"
         if not sample.uid.startswith(prefix) or not sample.uid[len(prefix):].isdigit():

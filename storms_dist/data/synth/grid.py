@@ -14,7 +14,7 @@ ground-truth motion up to the asked moment, then held, two frames (= one merged 
 latent step -- lays out the state ``k`` steps on in target ``k`` and ends on the answer's state
 (``thought_cells``). A static control asks for the ball's cell at the end of the clip.
 
-Everything is a pure function of ``(seed, split, index)``; ``synth.py`` owns the output folder and manifests.
+Everything is a pure function of ``(seed, split, index)``; ``generator.py`` owns the output folder and manifests.
 """
 
 from __future__ import annotations
