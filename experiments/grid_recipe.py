@@ -100,6 +100,45 @@ def answer_hidden(model, batch, layout, num_latents):
     return h[:, -1], torch.cat(latents, 1)
 
 
+def stage1_rollout(model, batch, layout, targets_BKD, *, detach: bool, feed_target_prob: float, input_scale: float):
+    """Stage I rollout with knobs the model's ``_rollout`` does not have: ``detach`` cuts the gradient through the
+    latent chain (each step learns from its own previous latent as a fixed input), ``feed_target_prob`` feeds the
+    true previous target instead of the model's own latent per row (scheduled sampling), ``input_scale`` multiplies
+    the fed latent."""
+    visual = model.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
+    pos = model.rope_positions(batch)
+    embeds = model.input_embeddings(batch["input_ids"], visual)
+    P, S0, K = layout.prefix_len, layout.suffix_start, layout.num_latents
+    mask = batch["attention_mask"]
+    cache = model.new_cache()
+    h = model.decoder(embeds[:, :P], pos[:, :, :P], mask[:, :P], cache, visual=visual)[:, -1:]
+    m = mask[:, :P]
+    ones = m[:, :1].new_ones(m.shape[0], 1)
+    latents = []
+    for k in range(K):
+        latents.append(h)
+        fed = h.detach() if detach else h
+        if feed_target_prob > 0:
+            coin = torch.rand(h.shape[0], 1, 1) < feed_target_prob
+            fed = torch.where(coin, targets_BKD[:, k:k + 1].to(h.dtype), fed)
+        m = torch.cat([m, ones], 1)
+        h = model.decoder(fed * input_scale, pos[:, :, P + k:P + k + 1], m, cache)
+    hidden = model.decoder(embeds[:, S0:], pos[:, :, S0:], torch.cat([m, mask[:, S0:]], 1), cache)
+    return model._loss(batch, hidden[:, :-1], S0, torch.cat(latents, 1), targets_BKD)
+
+
+def stage1_noisy_teacher(model, batch, layout, targets_BKD, noise: float):
+    """Teacher-forced Stage I whose slot inputs are the targets plus Gaussian noise (std ``noise`` per feature),
+    aligned to the clean targets: the step function learns to pull a perturbed state back onto the targets."""
+    visual = model.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
+    embeds = model.input_embeddings(batch["input_ids"], visual).clone()
+    noisy = targets_BKD + noise * torch.randn_like(targets_BKD)
+    embeds[:, layout.slots] = noisy.to(embeds.dtype)
+    hidden = model.decoder(embeds, model.rope_positions(batch), batch["attention_mask"], None, visual=visual)
+    P, S0 = layout.prefix_len, layout.suffix_start
+    return model._loss(batch, hidden[:, S0:-1], S0, hidden[:, P - 1:S0 - 1], targets_BKD)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=("stage0", "method"))
@@ -130,7 +169,16 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--stage1-frac", type=float, default=0.5)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--detach", action="store_true", help="Stage I rollout: no gradient through the latent chain")
+    p.add_argument("--ss-start", type=float, default=0.0,
+                   help="Stage I rollout: probability of feeding the true target at the start, annealed to 0")
+    p.add_argument("--ss-end-frac", type=float, default=1.0, help="fraction of Stage I over which it anneals")
+    p.add_argument("--input-scale", type=float, default=1.0)
+    p.add_argument("--s2-detach", action="store_true", help="keep the custom rollout knobs in Stage II")
+    p.add_argument("--tf-noise", type=float, default=0.0, help="teacher-forced Stage I: noise std on the slot inputs")
+    p.add_argument("--target-sphere", action="store_true", help="standardised targets scaled to unit RMS each")
     args = p.parse_args()
+    globals()["SPHERE"] = args.target_sphere
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     if args.minimal_prompt:
@@ -191,6 +239,7 @@ def main() -> None:
     stage1_mode = "single" if args.method == "oracle" else args.stage1_mode
     started = time.time()
     losses = []
+    slot_mse: list[torch.Tensor] = []
     order: list[int] = []
     for step in range(1, args.steps + 1):
         if len(order) < args.batch:
@@ -210,8 +259,18 @@ def main() -> None:
             out = types.SimpleNamespace(ce=loss.detach(), align=None)
         elif aligned:
             mode = "single" if step <= args.tf_frac * stage1_steps else stage1_mode
-            out = model(batch, layout, mode=mode, targets_BKD=torch.stack([targets[u] for u in uids]))
+            tgt = torch.stack([targets[u] for u in uids])
+            custom = args.detach or args.ss_start > 0 or args.input_scale != 1.0
+            if mode == "single" and args.tf_noise > 0:
+                out = stage1_noisy_teacher(model, batch, layout, tgt, args.tf_noise)
+            elif mode == "rollout" and custom:
+                ss = args.ss_start * max(0.0, 1 - step / max(1, args.ss_end_frac * stage1_steps))
+                out = stage1_rollout(model, batch, layout, tgt, detach=args.detach, feed_target_prob=ss,
+                                     input_scale=args.input_scale)
+            else:
+                out = model(batch, layout, mode=mode, targets_BKD=tgt)
             loss = out.loss
+            slot_mse.append((out.latents_BKD.detach() - tgt).pow(2).mean((0, 2)))
         else:
             out = model(batch, layout, mode="rollout" if k else "single")
             loss = out.loss
@@ -225,7 +284,11 @@ def main() -> None:
                            slot_targets=val_targets or None)
             ce = sum(x[0] for x in losses[-50:]) / min(50, len(losses))
             al = sum(x[1] for x in losses[-50:]) / min(50, len(losses))
-            print(f"step {step} ce {ce:.3f} align {al:.3f} val {({k2: round(v, 1) for k2, v in acc.items()})} "
+            train_slots = ""
+            if slot_mse:
+                train_slots = " train-slot-mse " + " ".join(f"{v:.2f}" for v in torch.stack(slot_mse[-50:]).mean(0))
+                slot_mse.clear()
+            print(f"step {step} ce {ce:.3f} align {al:.3f}{train_slots} val {({k2: round(v, 1) for k2, v in acc.items()})} "
                   f"({time.time() - started:.0f} s)", flush=True)
     if args.save:
         torch.save(model.backbone.state_dict(), args.save)
@@ -259,7 +322,14 @@ def build_targets(model, dataset, k, val_dataset=None):
     var = stacked.var(0).mean().item()
     print(f"targets: mean square {ms:.4f}, across-sample variance {var:.4f} ({var / ms:.3f} of it)", flush=True)
     val_out = encode(val_dataset.samples, val_dataset.cfg) if val_dataset is not None else {}
-    return ({u: (t - mean) / std for u, t in out.items()}, {u: (t - mean) / std for u, t in val_out.items()})
+    def norm(t):
+        z = (t - mean) / std
+        return z / z.pow(2).mean(-1, keepdim=True).sqrt() if SPHERE else z
+
+    return ({u: norm(t) for u, t in out.items()}, {u: norm(t) for u, t in val_out.items()})
+
+
+SPHERE = False
 
 
 if __name__ == "__main__":

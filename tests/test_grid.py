@@ -34,6 +34,12 @@ def test_render_codes_the_cell_in_place_and_colour() -> None:
     assert tuple(frames[0, 0, 0]) == grid.floor_colour(1, 2, 4) != grid.floor_colour(3, 0, 4) == tuple(frames[1, 0, 0])
     colours = {grid.ball_colour(c, r, 4) for c in range(4) for r in range(4)}
     assert len(colours) == 16  # the colour alone names the cell
+    # the opt-in cues: the ball's blue level is its heading, the floor's blue level the timer's count
+    cued = grid.render(np.array([[1, 2], [1, 2]]), 4, headings_T=np.array([0, 3]), floor_blue_T=np.array([40, 99]))
+    assert cued[0, 2 * 7 + 3, 1 * 7 + 3, 2] == grid.HEADING_BLUE[0] != cued[1, 2 * 7 + 3, 1 * 7 + 3, 2]
+    assert (cued[0, 0, 0, 2], cued[1, 0, 0, 2]) == (40, 99)
+    levels = [grid.timer_blue(c, 19) for c in range(20)]
+    assert levels[0] == grid.TIMER_BLUE_BASE and levels[-1] == grid.TIMER_BLUE_MAX and min(np.diff(levels)) >= 4
 
 
 def test_config_validation_names_the_field() -> None:
@@ -49,6 +55,12 @@ def test_config_validation_names_the_field() -> None:
         GridTaskConfig(perception_frames=5)
     with pytest.raises(ValueError, match="grid.perception_frames"):
         GridTaskConfig(perception_frames=True)
+    with pytest.raises(ValueError, match="grid.horizon_cue"):
+        GridTaskConfig(horizon_cue="clock")
+    with pytest.raises(ValueError, match="grid.heading_cue"):
+        GridTaskConfig(heading_cue="yes")
+    with pytest.raises(ValueError, match="grid.horizons.*timer"):
+        GridTaskConfig(horizon_cue="timer", horizons=(1, 16), thought_frames=32, clip_frames=8)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +77,13 @@ def test_generated_questions_match_the_ground_truth(grid_set) -> None:
     for s in samples:
         assert len(s.options) == 16 and s.options[0] == "r1c1" and s.options[-1] == "r4c4"  # canonical order
         if s.qtype == "future_cell":
-            col, row = s.meta["thought_cells"][s.meta["horizon"] - 1]
-            assert 1 <= s.meta["horizon"] <= 16 and str(s.meta["horizon"]) in s.question
+            horizon = s.meta["horizon"]
+            col, row = s.meta["thought_cells"][horizon - 1]
+            assert 1 <= horizon <= 16 and f" {horizon} frame" in s.question
+            assert s.meta["thought_timers"] == [max(horizon - 1 - t, 0) for t in range(16)]  # 0 where it is asked
         else:
             col, row = s.meta["clip_cells"][-1]
+            assert s.meta["thought_timers"] == [0] * 16
         assert s.answer == OPTION_LETTERS[row * 4 + col]
         assert "Options: A-P" in s.meta["prompt"]
     # the thought video (grid.thought: until_asked) plays the true motion up to the asked moment, then holds it:
@@ -101,6 +116,7 @@ def test_videos_show_the_clip_and_the_thought_video(grid_set) -> None:
             assert np.unravel_index(means.argmax(), means.shape) == (row, col)
             colour = frame[row * 7 + 3, col * 7 + 3].astype(int)
             assert np.abs(colour - grid.ball_colour(col, row, 4)).max() < 24
+        assert abs(np.median(frames[..., 2]) - grid.TIMER_BLUE_BASE) < 4  # no timer on the floor by default
 
 
 def test_perception_questions_ask_the_starting_state(grid_set) -> None:
@@ -157,3 +173,33 @@ def test_target_informativeness_sees_a_constant_and_an_informative_cache(grid_se
     info = diagnostics.target_informativeness(coded, train)
     assert info["variance_ratio"] > 0.5
     assert info["probe_accuracy"] >= 2 * info["probe_majority"]
+
+
+def test_timer_and_heading_cues_show_the_whole_state_in_every_frame(tmp_path) -> None:
+    task = GridTaskConfig(horizon_cue="timer", heading_cue=True)
+    paths = generate(SynthConfig(num_train=8, num_val=0, num_test=0, workers=1, grid=task), tmp_path)
+    train = read_manifest(paths["train"])
+    sample = next(s for s in train if s.qtype == "future_cell")
+    assert sample.question == "The ball stops when the timer runs out. Which cell does it stop in?"
+    horizon = sample.meta["horizon"]
+    path = trajectory(tuple(sample.meta["start"]), tuple(sample.meta["velocity"]), 21, 4)
+    headings = [grid.heading_index(tuple(int(v) for v in step)) for step in np.diff(path, axis=0)]
+    clip_timers = [horizon + 3 - t for t in range(4)]  # the timer counts down to D at the clip's last frame
+    stop = 3 + horizon  # frame index of the asked moment; the thought video holds it
+    thought_headings = [headings[min(4 + t, stop)] for t in range(16)]
+    for video, cells, timers, heads in ((sample.video_path, sample.meta["clip_cells"], clip_timers, headings[:4]),
+                                        (sample.thought_path, sample.meta["thought_cells"],
+                                         sample.meta["thought_timers"], thought_headings)):
+        frames = decode_frames(video, list(range(len(cells)))).astype(float)
+        for frame, (col, row), timer, heading in zip(frames, cells, timers, heads):
+            cell_means = frame.reshape(4, 7, 4, 7, 3).mean(axis=(1, 3)).reshape(16, 3)
+            floor = np.delete(cell_means, row * 4 + col, axis=0)
+            assert abs(np.median(floor[:, 2]) - grid.timer_blue(timer, task.max_timer)) < 2.1  # half a level (VP9)
+            assert abs(frame[row * 7 + 3, col * 7 + 3, 2] - grid.HEADING_BLUE[heading]) < 10
+    perception = [p for p in read_manifest(paths["perception_train"]) if p.meta["source_uid"] == sample.uid]
+    by_variant = {p.meta["variant"]: p for p in perception}
+    assert set(by_variant) == {"cell_at_frame", "direction", "timer"}
+    timer = by_variant["timer"]
+    assert timer.options[OPTION_LETTERS.index(timer.answer)] == str(horizon)
+    direction = by_variant["direction"]  # the heading the last frame shows: the next move's, after any bounce
+    assert direction.options[OPTION_LETTERS.index(direction.answer)] == grid.DIRECTIONS[headings[3]]

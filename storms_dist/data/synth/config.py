@@ -12,7 +12,7 @@ from typing import Literal
 from storms_dist.data.synth import grid
 from storms_dist.data.synth.grid import GridTaskConfig
 
-GENERATOR_VERSION = 3  # bump when the content for a given config changes; invalidates existing stamps
+GENERATOR_VERSION = 4  # bump when the content for a given config changes; invalidates existing stamps
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),

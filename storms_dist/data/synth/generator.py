@@ -105,9 +105,9 @@ def make_grid_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> 
     world = grid.sample_world(_rng(cfg, split, index, 0), task)
     suffix = SUFFIX_BY_CODEC[cfg.codec]
     video, thought_video = f"videos/{split}/{index:06d}{suffix}", f"thoughts/{split}/{index:06d}{suffix}"
-    thought = grid.thought_cells(world, qtype, task)
-    write_video(out_dir / video, grid.render(world.clip_T2, task.cells), cfg.fps, cfg.codec)
-    write_video(out_dir / thought_video, grid.render(thought, task.cells), cfg.fps, cfg.codec)
+    thought = grid.thought_states(world, qtype, task)
+    write_video(out_dir / video, grid.clip_states(world, task).render(task), cfg.fps, cfg.codec)
+    write_video(out_dir / thought_video, thought.render(task), cfg.fps, cfg.codec)
 
     def plan(question: grid.GridQuestion) -> QuestionPlan:
         return QuestionPlan(variant=question.variant, question=question.question, options=question.options,
@@ -117,7 +117,7 @@ def make_grid_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> 
     perception = [plan(q) for q in grid.perception_questions(world, task)] if split in PERCEPTION_SPLITS else []
     meta = {"variant": qtype, "task": "grid", "thought": task.thought, "start": list(world.start),
             "velocity": list(world.velocity), "clip_cells": world.clip_T2.tolist(),
-            "thought_cells": thought.tolist(), "baselines": grid.baseline_answers(world, task),
+            "thought_cells": thought.cells_T2.tolist(), "thought_timers": thought.timers_T.tolist(), "baselines": grid.baseline_answers(world, task),
             **main.meta}
     return _VideoResult(split=split, index=index, qtype=qtype, plan=plan(main), perception=tuple(perception),
                         video=video, thought_video=thought_video, meta=meta)

@@ -53,6 +53,17 @@ class GridTaskConfig:
     video ends where its answer is. ``continuation``: the next ``thought_frames`` frames whatever D is -- the answer
     then sits in target (D - 1) // 2, and reading the slot a number in the question names was not learned even with
     the true targets in the slots (docs/results.md, session 5)."""
+    horizon_cue: Literal["timer", "question"] = "question"
+    """Where the horizon D is given. ``timer``: the floor's blue level counts down the frames left until the ball
+    stops (D at the clip's last frame), and the question is the same text for every D -- so D is content of the
+    visual tokens like the rest of the state, and a latent step can count it down from its input alone.
+    ``question`` (default): the number D is written in the question. The timer is opt-in: with it, Stage 0's
+    perception fell from 100 % to 22-30 % (cell at the last frame) in 300 steps, timer reading at chance
+    (docs/results.md, session 6) -- the extra colour variation costs the from-scratch tower its cell code."""
+    heading_cue: bool = False
+    """The ball's blue level shows its heading (the direction of its next move), so every frame -- every merged
+    token and every thought-video target -- holds the whole state (cell, heading, timer): one latent step is then
+    a function of the previous state alone. Off (default): the heading is only in the motion between frames."""
     perception_frames: int = 1
     """Stage 0 asks the ball's cell at the last ``perception_frames`` clip frames and its direction of motion (0: no
     perception set). 1 -- the state the dynamics start from -- is learned in ~250 steps; asking every frame makes
@@ -73,6 +84,10 @@ class GridTaskConfig:
                 or not 0 <= self.perception_frames <= self.clip_frames):
             raise ValueError(f"grid.perception_frames: expected an int in 0..clip_frames={self.clip_frames} (the last "
                              f"N clip frames Stage 0 asks about), got {self.perception_frames!r}")
+        if self.horizon_cue not in ("timer", "question"):
+            raise ValueError(f"grid.horizon_cue: expected 'timer' or 'question', got {self.horizon_cue!r}")
+        if not isinstance(self.heading_cue, bool):
+            raise ValueError(f"grid.heading_cue: expected true or false, got {self.heading_cue!r}")
         if self.thought not in ("until_asked", "continuation"):
             raise ValueError(f"grid.thought: expected 'until_asked' or 'continuation', got {self.thought!r}")
         self.horizons = tuple(self.horizons)
@@ -80,6 +95,17 @@ class GridTaskConfig:
         if not 1 <= low <= high <= self.thought_frames:
             raise ValueError(f"grid.horizons: expected 1 <= low <= high <= thought_frames={self.thought_frames}, "
                              f"got {list(self.horizons)}")
+        if self.horizon_cue == "timer" and high - low + 1 > len(OPTION_LETTERS):
+            raise ValueError(f"grid.horizons: the timer's perception question lists every D as an option; at most "
+                             f"{len(OPTION_LETTERS)} values, got {list(self.horizons)}")
+        if self.horizon_cue == "timer" and self.max_timer > 20:
+            raise ValueError(f"grid.horizons: the timer shows up to D + clip_frames - 1 = {self.max_timer} counts; at "
+                             f"most 20 keep its blue levels 4 apart (lower horizons[1] or clip_frames)")
+
+    @property
+    def max_timer(self) -> int:
+        """The largest count the timer shows: D at its largest, at the clip's first frame."""
+        return self.horizons[1] + self.clip_frames - 1
 
     @property
     def size(self) -> int:
@@ -127,6 +153,10 @@ def direction_name(velocity: tuple[int, int]) -> str:
     return f"{'up' if vy < 0 else 'down'}-{'left' if vx < 0 else 'right'}"
 
 
+def heading_index(velocity: tuple[int, int]) -> int:
+    return DIRECTIONS.index(direction_name(velocity))
+
+
 # ---- rendering ----
 def cell_code(col: int, row: int, cells: int) -> tuple[int, int]:
     """Red level from the column, green level from the row (0..1 over the grid)."""
@@ -134,27 +164,56 @@ def cell_code(col: int, row: int, cells: int) -> tuple[int, int]:
     return col / scale, row / scale
 
 
-def ball_colour(col: int, row: int, cells: int) -> tuple[int, int, int]:
+HEADING_BLUE = (255, 235, 215, 195)  # the ball's blue level per DIRECTIONS entry (heading_cue)
+TIMER_BLUE_BASE, TIMER_BLUE_MAX = 40, 120  # the floor's blue level at timer 0 and at the largest count
+
+
+def ball_colour(col: int, row: int, cells: int, heading: int | None = None) -> tuple[int, int, int]:
+    """Red and green from the cell; blue from the heading (an index into DIRECTIONS) when it is shown."""
     red, green = cell_code(col, row, cells)
-    return round(80 + 175 * red), round(80 + 175 * green), 255
+    return round(80 + 175 * red), round(80 + 175 * green), 255 if heading is None else HEADING_BLUE[heading]
 
 
-def floor_colour(col: int, row: int, cells: int) -> tuple[int, int, int]:
+def timer_blue(count: int, max_count: int) -> int:
+    """The floor's blue level for a timer count: evenly spaced levels, >= 4 apart for counts up to 20."""
+    return TIMER_BLUE_BASE + round((TIMER_BLUE_MAX - TIMER_BLUE_BASE) * count / max(max_count, 1))
+
+
+def floor_colour(col: int, row: int, cells: int, blue: int = TIMER_BLUE_BASE) -> tuple[int, int, int]:
     """The floor is tinted by the ball's cell, dimmer than the ball: the state is then content of *every* patch
     of the frame, the signal a from-scratch tower learns in ~100 steps (docs/results.md: a uniform level per answer
-    was learned at once, a ball's place alone not in thousands of steps)."""
+    was learned at once, a ball's place alone not in thousands of steps). Its blue level is the timer's count."""
     red, green = cell_code(col, row, cells)
-    return round(20 + 100 * red), round(20 + 100 * green), 40
+    return round(20 + 100 * red), round(20 + 100 * green), blue
 
 
-def render(cells_T2: np.ndarray, cells: int) -> np.ndarray:
-    """Frames ``[T, H, W, 3]``: the floor tinted by the ball's cell, with the ball filling that cell."""
+def render(cells_T2: np.ndarray, cells: int, *, headings_T: np.ndarray | None = None,
+           floor_blue_T: np.ndarray | None = None) -> np.ndarray:
+    """Frames ``[T, H, W, 3]``: the floor tinted by the ball's cell (blue: the timer, when shown), with the ball
+    filling that cell (blue: its heading, when shown)."""
     size = cells * CELL_PX
     frames = np.empty((len(cells_T2), size, size, 3), dtype=np.uint8)
     for t, (col, row) in enumerate(cells_T2):
-        frames[t] = floor_colour(col, row, cells)
-        frames[t, row * CELL_PX:(row + 1) * CELL_PX, col * CELL_PX:(col + 1) * CELL_PX] = ball_colour(col, row, cells)
+        heading = None if headings_T is None else int(headings_T[t])
+        blue = TIMER_BLUE_BASE if floor_blue_T is None else int(floor_blue_T[t])
+        frames[t] = floor_colour(col, row, cells, blue)
+        frames[t, row * CELL_PX:(row + 1) * CELL_PX, col * CELL_PX:(col + 1) * CELL_PX] = ball_colour(
+            col, row, cells, heading)
     return frames
+
+
+@dataclass(frozen=True)
+class FrameStates:
+    """What each frame of a video shows: the ball's cell, its heading (DIRECTIONS index) and the timer's count."""
+
+    cells_T2: np.ndarray
+    headings_T: np.ndarray
+    timers_T: np.ndarray
+
+    def render(self, cfg: "GridTaskConfig") -> np.ndarray:
+        return render(self.cells_T2, cfg.cells, headings_T=self.headings_T if cfg.heading_cue else None,
+                      floor_blue_T=(np.array([timer_blue(int(c), cfg.max_timer) for c in self.timers_T])
+                                    if cfg.horizon_cue == "timer" else None))
 
 
 # ---- one item ----
@@ -173,6 +232,8 @@ class GridWorld:
 
     clip_T2: np.ndarray
     thought_T2: np.ndarray
+    headings_T: np.ndarray
+    """Heading (DIRECTIONS index of the next move) of every clip then thought frame."""
     start: tuple[int, int]
     velocity: tuple[int, int]
     horizon: int
@@ -188,18 +249,39 @@ def sample_world(rng: np.random.Generator, cfg: GridTaskConfig) -> GridWorld:
     start = (int(rng.integers(cfg.cells)), int(rng.integers(cfg.cells)))
     velocity = (int(rng.choice((-1, 1))), int(rng.choice((-1, 1))))
     horizon = int(rng.integers(cfg.horizons[0], cfg.horizons[1] + 1))
-    path = trajectory(start, velocity, cfg.clip_frames + cfg.thought_frames, cfg.cells)
-    return GridWorld(clip_T2=path[:cfg.clip_frames], thought_T2=path[cfg.clip_frames:], start=start,
-                     velocity=velocity, horizon=horizon)
+    num_frames = cfg.clip_frames + cfg.thought_frames
+    path = trajectory(start, velocity, num_frames + 1, cfg.cells)
+    headings = np.array([heading_index(tuple(int(v) for v in step)) for step in np.diff(path, axis=0)])
+    return GridWorld(clip_T2=path[:cfg.clip_frames], thought_T2=path[cfg.clip_frames:num_frames], headings_T=headings,
+                     start=start, velocity=velocity, horizon=horizon)
+
+
+def clip_states(world: GridWorld, cfg: GridTaskConfig) -> FrameStates:
+    """The visible clip: the timer counts down to D at the clip's last frame."""
+    timers = world.horizon + np.arange(cfg.clip_frames)[::-1]
+    return FrameStates(world.clip_T2, world.headings_T[:cfg.clip_frames], timers)
+
+
+def thought_states(world: GridWorld, qtype: str, cfg: GridTaskConfig) -> FrameStates:
+    """What each thought-video frame shows (``cfg.thought``); ``current_cell`` asks about the clip's end. The timer
+    keeps counting down from the clip (D - 1 at the first thought frame) and the ball stops where it reaches 0."""
+    headings = world.headings_T[cfg.clip_frames:]
+    timers = np.maximum(world.horizon - 1 - np.arange(cfg.thought_frames), 0)
+    if cfg.thought == "continuation":
+        return FrameStates(world.thought_T2, headings, timers)
+    asked = world.horizon if qtype == "future_cell" else 0
+    held = len(world.thought_T2) - asked
+    if asked:
+        cell, heading = world.thought_T2[asked - 1], headings[asked - 1]
+    else:
+        cell, heading, timers = world.clip_T2[-1], world.headings_T[cfg.clip_frames - 1], np.zeros_like(timers)
+    return FrameStates(np.concatenate([world.thought_T2[:asked], np.repeat(cell[None], held, axis=0)]),
+                       np.concatenate([headings[:asked], np.full(held, heading)]), timers)
 
 
 def thought_cells(world: GridWorld, qtype: str, cfg: GridTaskConfig) -> np.ndarray:
-    """The ball's cell in each thought-video frame (``cfg.thought``); ``current_cell`` asks about the clip's end."""
-    if cfg.thought == "continuation":
-        return world.thought_T2
-    asked = world.horizon if qtype == "future_cell" else 0
-    state = world.thought_T2[asked - 1] if asked else world.clip_T2[-1]
-    return np.concatenate([world.thought_T2[:asked], np.repeat(state[None], len(world.thought_T2) - asked, axis=0)])
+    """The ball's cell in each thought-video frame."""
+    return thought_states(world, qtype, cfg).cells_T2
 
 
 def cell_options(cells: int) -> tuple[str, ...]:
@@ -222,6 +304,10 @@ def _question(variant: str, question: str, options: tuple[str, ...], correct: in
 
 def main_question(world: GridWorld, qtype: str, cfg: GridTaskConfig) -> GridQuestion:
     options = cell_options(cfg.cells)
+    if qtype == "future_cell" and cfg.horizon_cue == "timer":
+        col, row = world.thought_T2[world.horizon - 1]
+        return _question(qtype, "The ball stops when the timer runs out. Which cell does it stop in?", options,
+                         cell_index(col, row, cfg.cells), horizon=world.horizon)
     if qtype == "future_cell":
         col, row = world.thought_T2[world.horizon - 1]
         frames = "frame" if world.horizon == 1 else "frames"
@@ -243,8 +329,16 @@ def perception_questions(world: GridWorld, cfg: GridTaskConfig) -> list[GridQues
     questions = [_question("cell_at_frame", f"Which cell is the ball in at frame {t + 1} of the video?", options,
                            cell_index(int(col), int(row), cfg.cells), frame=t + 1)
                  for t, (col, row) in enumerate(world.clip_T2) if t >= first]
-    questions.append(_question("direction", "In which direction is the ball moving at the end of the video?",
-                               DIRECTIONS, DIRECTIONS.index(direction_name(world.last_velocity))))
+    if cfg.heading_cue:  # what the last frame shows: the heading of the next move (after a bounce there)
+        questions.append(_question("direction", "In which direction is the ball heading at the end of the video?",
+                                   DIRECTIONS, int(world.headings_T[cfg.clip_frames - 1])))
+    else:
+        questions.append(_question("direction", "In which direction is the ball moving at the end of the video?",
+                                   DIRECTIONS, DIRECTIONS.index(direction_name(world.last_velocity))))
+    if cfg.horizon_cue == "timer":
+        low, high = cfg.horizons
+        questions.append(_question("timer", "How many frames are left on the timer at the end of the video?",
+                                   tuple(str(d) for d in range(low, high + 1)), world.horizon - low))
     return questions
 
 
