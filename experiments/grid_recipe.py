@@ -100,7 +100,8 @@ def answer_hidden(model, batch, layout, num_latents):
     return h[:, -1], torch.cat(latents, 1)
 
 
-def stage1_rollout(model, batch, layout, targets_BKD, *, detach: bool, feed_target_prob: float, input_scale: float):
+def stage1_rollout(model, batch, layout, targets_BKD, *, detach: bool, feed_target_prob: float, input_scale: float,
+                   feed_from: int | None = None, align: bool = True, align_slots: int | None = None):
     """Stage I rollout with knobs the model's ``_rollout`` does not have: ``detach`` cuts the gradient through the
     latent chain (each step learns from its own previous latent as a fixed input), ``feed_target_prob`` feeds the
     true previous target instead of the model's own latent per row (scheduled sampling), ``input_scale`` multiplies
@@ -121,10 +122,17 @@ def stage1_rollout(model, batch, layout, targets_BKD, *, detach: bool, feed_targ
         if feed_target_prob > 0:
             coin = torch.rand(h.shape[0], 1, 1) < feed_target_prob
             fed = torch.where(coin, targets_BKD[:, k:k + 1].to(h.dtype), fed)
+        if feed_from is not None and k >= feed_from:  # Coconut-style curriculum: the later slots teacher-forced
+            fed = targets_BKD[:, k:k + 1].to(h.dtype)
         m = torch.cat([m, ones], 1)
         h = model.decoder(fed * input_scale, pos[:, :, P + k:P + k + 1], m, cache)
     hidden = model.decoder(embeds[:, S0:], pos[:, :, S0:], torch.cat([m, mask[:, S0:]], 1), cache)
-    return model._loss(batch, hidden[:, :-1], S0, torch.cat(latents, 1), targets_BKD)
+    latents_BKD = torch.cat(latents, 1)
+    if align_slots is not None:  # slot curriculum: only the first ``align_slots`` slots are aligned
+        out = model._loss(batch, hidden[:, :-1], S0, latents_BKD[:, :align_slots], targets_BKD[:, :align_slots])
+        out.latents_BKD = latents_BKD
+        return out
+    return model._loss(batch, hidden[:, :-1], S0, latents_BKD, targets_BKD if align else None)
 
 
 def stage1_noisy_teacher(model, batch, layout, targets_BKD, noise: float):
@@ -176,9 +184,19 @@ def main() -> None:
     p.add_argument("--input-scale", type=float, default=1.0)
     p.add_argument("--s2-detach", action="store_true", help="keep the custom rollout knobs in Stage II")
     p.add_argument("--tf-noise", type=float, default=0.0, help="teacher-forced Stage I: noise std on the slot inputs")
+    p.add_argument("--s2-curriculum", type=float, default=0.0,
+                   help="Stage II: the first j slots roll out, the rest get the targets; j grows from 1 to K over "
+                        "this fraction of Stage II, then full rollout")
+    p.add_argument("--slot-curriculum", type=float, default=0.0,
+                   help="Stage I rollout: align slots 1..j only, j growing to K over this fraction of Stage I")
+    p.add_argument("--s2-align", action="store_true", help="keep lambda * alignment in the curriculum's Stage II")
+    p.add_argument("--raw-targets", action="store_true", help="targets: the raw merged tokens (no standardising)")
+    p.add_argument("--whiten", type=int, default=0, help="targets: top-r principal components, whitened")
     p.add_argument("--target-sphere", action="store_true", help="standardised targets scaled to unit RMS each")
     args = p.parse_args()
     globals()["SPHERE"] = args.target_sphere
+    globals()["WHITEN"] = args.whiten
+    globals()["RAW"] = args.raw_targets
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     if args.minimal_prompt:
@@ -260,17 +278,25 @@ def main() -> None:
         elif aligned:
             mode = "single" if step <= args.tf_frac * stage1_steps else stage1_mode
             tgt = torch.stack([targets[u] for u in uids])
-            custom = args.detach or args.ss_start > 0 or args.input_scale != 1.0
+            custom = args.detach or args.ss_start > 0 or args.input_scale != 1.0 or args.slot_curriculum > 0
             if mode == "single" and args.tf_noise > 0:
                 out = stage1_noisy_teacher(model, batch, layout, tgt, args.tf_noise)
             elif mode == "rollout" and custom:
                 ss = args.ss_start * max(0.0, 1 - step / max(1, args.ss_end_frac * stage1_steps))
+                slots = (min(k, 1 + int(step / (args.slot_curriculum * stage1_steps) * k))
+                         if args.slot_curriculum > 0 else None)
                 out = stage1_rollout(model, batch, layout, tgt, detach=args.detach, feed_target_prob=ss,
-                                     input_scale=args.input_scale)
+                                     input_scale=args.input_scale, align_slots=slots)
             else:
                 out = model(batch, layout, mode=mode, targets_BKD=tgt)
             loss = out.loss
             slot_mse.append((out.latents_BKD.detach() - tgt).pow(2).mean((0, 2)))
+        elif args.s2_curriculum and k and targets is not None:  # own latents in the first j slots, j growing to K
+            progress = (step - stage1_steps - 1) / max(1, args.steps - stage1_steps)
+            own = min(k, 1 + int(progress / args.s2_curriculum * k))
+            out = stage1_rollout(model, batch, layout, torch.stack([targets[u] for u in uids]), detach=False,
+                                 feed_target_prob=0.0, input_scale=1.0, feed_from=own, align=args.s2_align)
+            loss = out.loss
         else:
             out = model(batch, layout, mode="rollout" if k else "single")
             loss = out.loss
@@ -322,14 +348,29 @@ def build_targets(model, dataset, k, val_dataset=None):
     var = stacked.var(0).mean().item()
     print(f"targets: mean square {ms:.4f}, across-sample variance {var:.4f} ({var / ms:.3f} of it)", flush=True)
     val_out = encode(val_dataset.samples, val_dataset.cfg) if val_dataset is not None else {}
-    def norm(t):
-        z = (t - mean) / std
-        return z / z.pow(2).mean(-1, keepdim=True).sqrt() if SPHERE else z
+    if WHITEN:  # top-r principal components of the raw targets, each scaled to unit variance, in their subspace
+        flat = stacked.reshape(-1, stacked.shape[-1])
+        centre = flat.mean(0)
+        _, sing, vh = torch.linalg.svd(flat - centre, full_matrices=False)
+        basis, scale = vh[:WHITEN], sing[:WHITEN] / (len(flat) - 1) ** 0.5
+        gain = (stacked.shape[-1] / WHITEN) ** 0.5  # unit RMS over the hidden width
+
+        def norm(t):
+            return (((t - centre) @ basis.T) / scale) @ basis * gain
+    elif RAW:  # the merged visual tokens as they are: the embeddings the LM already reads in the prompt
+        def norm(t):
+            return t
+    else:
+        def norm(t):
+            z = (t - mean) / std
+            return z / z.pow(2).mean(-1, keepdim=True).sqrt() if SPHERE else z
 
     return ({u: norm(t) for u, t in out.items()}, {u: norm(t) for u, t in val_out.items()})
 
 
 SPHERE = False
+WHITEN = 0
+RAW = False
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def make_grid_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> 
     video, thought_video = f"videos/{split}/{index:06d}{suffix}", f"thoughts/{split}/{index:06d}{suffix}"
     thought = grid.thought_states(world, qtype, task)
     write_video(out_dir / video, grid.clip_states(world, task).render(task), cfg.fps, cfg.codec)
-    write_video(out_dir / thought_video, thought.render(task), cfg.fps, cfg.codec)
+    write_video(out_dir / thought_video, thought.render(task, thought=True), cfg.fps, cfg.codec)
 
     def plan(question: grid.GridQuestion) -> QuestionPlan:
         return QuestionPlan(variant=question.variant, question=question.question, options=question.options,

@@ -64,6 +64,10 @@ class GridTaskConfig:
     """The ball's blue level shows its heading (the direction of its next move), so every frame -- every merged
     token and every thought-video target -- holds the whole state (cell, heading, timer): one latent step is then
     a function of the previous state alone. Off (default): the heading is only in the motion between frames."""
+    thought_cues: bool = False
+    """Show the heading and the timer in the thought video only (the clip stays as ``heading_cue`` /
+    ``horizon_cue`` say): every target then holds the whole state the next step needs -- cell, heading, frames left
+    -- while the clip keeps the plain rendering Stage 0 learns (the cues in the clip cost perception, session 6)."""
     perception_frames: int = 1
     """Stage 0 asks the ball's cell at the last ``perception_frames`` clip frames and its direction of motion (0: no
     perception set). 1 -- the state the dynamics start from -- is learned in ~250 steps; asking every frame makes
@@ -86,6 +90,8 @@ class GridTaskConfig:
                              f"N clip frames Stage 0 asks about), got {self.perception_frames!r}")
         if self.horizon_cue not in ("timer", "question"):
             raise ValueError(f"grid.horizon_cue: expected 'timer' or 'question', got {self.horizon_cue!r}")
+        if not isinstance(self.thought_cues, bool):
+            raise ValueError(f"grid.thought_cues: expected true or false, got {self.thought_cues!r}")
         if not isinstance(self.heading_cue, bool):
             raise ValueError(f"grid.heading_cue: expected true or false, got {self.heading_cue!r}")
         if self.thought not in ("until_asked", "continuation"):
@@ -210,10 +216,13 @@ class FrameStates:
     headings_T: np.ndarray
     timers_T: np.ndarray
 
-    def render(self, cfg: "GridTaskConfig") -> np.ndarray:
-        return render(self.cells_T2, cfg.cells, headings_T=self.headings_T if cfg.heading_cue else None,
+    def render(self, cfg: "GridTaskConfig", *, thought: bool = False) -> np.ndarray:
+        """The frames, with the cues ``cfg`` shows in this video (``thought_cues``: in the thought video too)."""
+        heading = cfg.heading_cue or thought and cfg.thought_cues
+        timer = cfg.horizon_cue == "timer" or thought and cfg.thought_cues
+        return render(self.cells_T2, cfg.cells, headings_T=self.headings_T if heading else None,
                       floor_blue_T=(np.array([timer_blue(int(c), cfg.max_timer) for c in self.timers_T])
-                                    if cfg.horizon_cue == "timer" else None))
+                                    if timer else None))
 
 
 # ---- one item ----
