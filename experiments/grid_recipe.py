@@ -189,6 +189,8 @@ def main() -> None:
                         "this fraction of Stage II, then full rollout")
     p.add_argument("--slot-curriculum", type=float, default=0.0,
                    help="Stage I rollout: align slots 1..j only, j growing to K over this fraction of Stage I")
+    p.add_argument("--joint", type=float, default=0.0,
+                   help="Stage I: teacher-forced loss + this weight x a detached rollout's alignment loss")
     p.add_argument("--s2-align", action="store_true", help="keep lambda * alignment in the curriculum's Stage II")
     p.add_argument("--raw-targets", action="store_true", help="targets: the raw merged tokens (no standardising)")
     p.add_argument("--whiten", type=int, default=0, help="targets: top-r principal components, whitened")
@@ -279,7 +281,14 @@ def main() -> None:
             mode = "single" if step <= args.tf_frac * stage1_steps else stage1_mode
             tgt = torch.stack([targets[u] for u in uids])
             custom = args.detach or args.ss_start > 0 or args.input_scale != 1.0 or args.slot_curriculum > 0
-            if mode == "single" and args.tf_noise > 0:
+            if args.joint:  # teacher-forced loss + a detached rollout's alignment (denoising its own errors)
+                tf_out = (stage1_noisy_teacher(model, batch, layout, tgt, args.tf_noise) if args.tf_noise > 0
+                          else model(batch, layout, mode="single", targets_BKD=tgt))
+                roll = stage1_rollout(model, batch, layout, tgt, detach=True, feed_target_prob=0.0, input_scale=1.0)
+                roll_align = (roll.latents_BKD - tgt).pow(2).mean()
+                out = types.SimpleNamespace(loss=tf_out.loss + args.joint * model.align_weight * roll_align,
+                                            ce=tf_out.ce, align=roll_align.detach(), latents_BKD=roll.latents_BKD)
+            elif mode == "single" and args.tf_noise > 0:
                 out = stage1_noisy_teacher(model, batch, layout, tgt, args.tf_noise)
             elif mode == "rollout" and custom:
                 ss = args.ss_start * max(0.0, 1 - step / max(1, args.ss_end_frac * stage1_steps))
