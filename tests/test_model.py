@@ -118,6 +118,34 @@ def test_gradient_reaches_first_latent_step(model, tokenizer, monkeypatch):
     assert torch.allclose(aligned.loss, aligned.ce + 0.1 * aligned.align, atol=1e-6)
 
 
+def test_joint_mode_adds_the_detached_rollouts_alignment(model, tokenizer, monkeypatch):
+    """Stage I joint: teacher-forced loss + w * lambda * MSE of the rolled-out latents, no gradient along the chain."""
+    batch, layout = make_batch(model, tokenizer, num_latents=3)
+    targets = torch.randn(len(GRIDS_THW), 3, model.text_config.hidden_size)
+    with torch.no_grad():
+        teacher = model(batch, layout, mode="single", targets_BKD=targets)
+        rolled = model(batch, layout, mode="rollout")
+        joint = model(batch, layout, mode="joint", targets_BKD=targets, rollout_weight=2.0)
+    torch.testing.assert_close(joint.latents_BKD, rolled.latents_BKD)  # detaching changes no value
+    rollout_align = F.mse_loss(rolled.latents_BKD, targets)
+    torch.testing.assert_close(joint.align, rollout_align)
+    torch.testing.assert_close(joint.loss, teacher.loss + 2.0 * model.align_weight * rollout_align)
+    latent_inputs = []
+    decoder = model.decoder
+
+    def recording_decoder(embeds_BTD, *args, **kwargs):
+        if embeds_BTD.shape[1] == 1:
+            latent_inputs.append(embeds_BTD)
+        return decoder(embeds_BTD, *args, **kwargs)
+
+    monkeypatch.setattr(model, "decoder", recording_decoder)
+    out = model(batch, layout, mode="joint", targets_BKD=targets)
+    assert len(latent_inputs) == 3 and not any(x.requires_grad for x in latent_inputs)  # the chain is cut
+    assert out.loss.requires_grad
+    with pytest.raises(ValueError, match="joint.*targets"):
+        model(batch, layout, mode="joint")
+
+
 def test_k0_equals_plain_backbone(model, tokenizer):
     batch, layout = make_batch(model, tokenizer, num_latents=0)
     assert (batch["input_ids"] == latent_token_ids(tokenizer).pad).sum() == 0

@@ -7,6 +7,10 @@ Forward modes (one ``nn.Module.forward`` so a DeepSpeed engine can wrap it; ZeRO
 - ``rollout``: prefill up to ``<|latent_start|>``, then K one-column passes reusing the KV cache, each feeding the
   last hidden state back as the next input embedding, then one pass over the suffix. With ``targets`` the K latent
   states are aligned to them (Stage I, rollout variant); without, it is Stage II.
+- ``joint`` (Stage I, needs targets): the teacher-forced ``single`` loss plus ``rollout_weight`` x lambda x the
+  alignment of a rollout whose slot inputs are the model's own latents with the gradient cut between steps. The
+  teacher-forced pass learns each step from true inputs; the rollout term teaches the steps to correct their own
+  errors -- the one Stage I under which the rolled-out latents approached the targets (docs/results.md, session 6).
 
 The latent state aligned with slot k is the hidden state of the position before it -- exactly the embedding the
 rollout feeds into slot k -- so both modes align the same quantity.
@@ -35,7 +39,7 @@ from storms_dist.model.latent_cache import PrefixTailCache, latent_passes
 from storms_dist.model.registry import BackboneSpec
 from storms_dist.train.distributed import all_reduce_max
 
-ForwardMode = Literal["single", "rollout"]
+ForwardMode = Literal["single", "rollout", "joint"]
 
 
 @dataclass
@@ -157,13 +161,16 @@ class STORMSModel(nn.Module):
         *,
         mode: ForwardMode,
         targets_BKD: torch.Tensor | None = None,
+        rollout_weight: float = 1.0,
     ) -> STORMSOutput:
         num_latents = layout.num_latents
         if targets_BKD is not None and num_latents == 0:
             raise ValueError("alignment targets given but the batch has no latent slots (K=0)")
         if targets_BKD is not None and targets_BKD.shape[1] != num_latents:
             raise ValueError(f"targets have {targets_BKD.shape[1]} slots, batch has K={num_latents}")
-        rollout_requested = mode == "rollout"
+        if mode == "joint" and targets_BKD is None:
+            raise ValueError("mode 'joint' is a Stage I mode: it needs thought-video targets (stage align: true)")
+        rollout_requested = mode in ("rollout", "joint")
         if mode == "rollout" and num_latents == 0:
             mode = "single"  # nothing to roll out: K=0 is one pass
 
@@ -183,8 +190,18 @@ class STORMSModel(nn.Module):
         pos_3BL = self.rope_positions(batch)
         embeds_BLD = self.input_embeddings(input_ids, visual)
         video_mask_BL = input_ids == self.video_token_id
-        out = self._forward_mode(batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL,
-                                 num_steps)
+        if mode == "joint":
+            out = self._forward_mode(batch, layout, "single", targets_BKD, embeds_BLD, pos_3BL, visual,
+                                     video_mask_BL, num_steps)
+            rolled = self._forward_mode(batch, layout, "rollout", targets_BKD, embeds_BLD, pos_3BL, visual,
+                                        video_mask_BL, num_steps, detach_inputs=True)
+            rollout_align = alignment_loss(rolled.latents_BKD, targets_BKD, self.align_loss)
+            out.loss = out.loss + rollout_weight * self.align_weight * rollout_align
+            out.align = rollout_align.detach()  # what inference sees: the rolled-out latents' distance
+            out.latents_BKD = rolled.latents_BKD
+        else:
+            out = self._forward_mode(batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL,
+                                     num_steps)
         if zero_term is not None:
             out.loss = out.loss + zero_term
         return out
@@ -202,7 +219,8 @@ class STORMSModel(nn.Module):
             term = term + feature.sum()
         return term * 0.0
 
-    def _forward_mode(self, batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps):
+    def _forward_mode(self, batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps,
+                      *, detach_inputs: bool = False):
         num_latents, attention_mask = layout.num_latents, batch["attention_mask"]
         P, S0 = layout.prefix_len, layout.suffix_start
 
@@ -219,16 +237,17 @@ class STORMSModel(nn.Module):
         elif mode == "rollout":
             with self.decoder_checkpointing_off(), self.decoder_kept_gathered(self.gather_latent_passes):
                 return self._rollout(batch, layout, embeds_BLD, pos_3BL, visual, video_mask_BL, targets_BKD,
-                                     num_steps)
+                                     num_steps, detach_inputs=detach_inputs)
         else:
             raise ValueError(f"unknown forward mode {mode!r}")
         return self._loss(batch, answer_hidden_BTD, first, latents_BKD, targets_BKD)
 
     def _rollout(self, batch, layout, embeds_BLD, pos_3BL, visual, video_mask_BL, targets_BKD,
-                 num_steps: int) -> STORMSOutput:
+                 num_steps: int, *, detach_inputs: bool = False) -> STORMSOutput:
         """Prefill, latent steps, suffix. ``num_steps`` >= K: steps past K (only when another rank rolls out further)
         run the same cached pass but are masked out of every later pass, so the result is exactly the K-step one
-        while every rank's graph -- and so ZeRO-3's gather order, forward and backward -- is the same."""
+        while every rank's graph -- and so ZeRO-3's gather order, forward and backward -- is the same.
+        ``detach_inputs``: each latent enters the next pass as a constant (no gradient through the chain)."""
         attention_mask = batch["attention_mask"]
         P, S0, K = layout.prefix_len, layout.suffix_start, layout.num_latents
         if self.latent_attention == "off":
@@ -245,8 +264,8 @@ class STORMSModel(nn.Module):
             for k in range(num_steps):
                 latents.append(latent)
                 col = P + min(k, K - 1)  # a masked step reuses the last real column's position
-                latent = self.decoder(latent, pos_3BL[:, :, col : col + 1], torch.cat([mask_BS, ones_B1], dim=1),
-                                      cache)
+                latent = self.decoder(latent.detach() if detach_inputs else latent, pos_3BL[:, :, col : col + 1],
+                                      torch.cat([mask_BS, ones_B1], dim=1), cache)
                 mask_BS = torch.cat([mask_BS, ones_B1 if k < K else ones_B1 * 0], dim=1)
             hidden_BSD = self.decoder(embeds_BLD[:, S0:], pos_3BL[:, :, S0:],
                                       torch.cat([mask_BS, attention_mask[:, S0:]], dim=1), cache)

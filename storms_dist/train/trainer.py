@@ -68,8 +68,12 @@ class StageConfig:
     """Peak lr for this stage; None = optim.lr."""
     num_latents: int | None = None
     """K for this stage; None = model.num_latents."""
-    mode: Literal["single", "rollout"] = "rollout"
-    """single: one pass (with align = teacher-forced targets in the slots); rollout: K cached latent passes."""
+    mode: Literal["single", "rollout", "joint"] = "rollout"
+    """single: one pass (with align = teacher-forced targets in the slots); rollout: K cached latent passes; joint
+    (Stage I): the teacher-forced loss plus ``rollout_weight`` x lambda x the alignment of a rollout with the
+    gradient cut between steps (model/storms.py)."""
+    rollout_weight: float = 1.0
+    """joint mode: weight of the rolled-out latents' alignment, relative to the teacher-forced one."""
     align: bool = False
     """Add lambda * alignment to the thought-video targets (Stage I)."""
     split: Literal["train", "perception"] = "train"
@@ -84,6 +88,10 @@ class StageConfig:
                              f"{self.grad_accum}")
         if self.align and self.num_latents == 0:
             raise ValueError("align: alignment needs latent slots, but num_latents is 0")
+        if self.mode == "joint" and not self.align:
+            raise ValueError("mode: 'joint' aligns the latents to thought-video targets; set align: true (Stage I)")
+        if self.rollout_weight < 0:
+            raise ValueError(f"rollout_weight: expected >= 0, got {self.rollout_weight}")
 
 
 @dataclass(kw_only=True)
@@ -403,7 +411,8 @@ class Trainer:
             uids = batch.pop("uids")
             targets = self.targets[uids] if self.targets is not None else None
             t1 = time.perf_counter()
-            out = engine(batch, layout, mode=stage_cfg.mode, targets_BKD=targets)
+            extra = {"rollout_weight": stage_cfg.rollout_weight} if stage_cfg.mode == "joint" else {}
+            out = engine(batch, layout, mode=stage_cfg.mode, targets_BKD=targets, **extra)
             t2 = time.perf_counter()
             # all ranks agree before any backward: a non-finite loss anywhere drops this micro-batch everywhere
             if all_reduce_max([0.0 if torch.isfinite(out.loss).item() else 1.0])[0] > 0:
