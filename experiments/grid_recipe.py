@@ -281,7 +281,9 @@ def main() -> None:
             mode = "single" if step <= args.tf_frac * stage1_steps else stage1_mode
             tgt = torch.stack([targets[u] for u in uids])
             custom = args.detach or args.ss_start > 0 or args.input_scale != 1.0 or args.slot_curriculum > 0
-            if args.joint:  # teacher-forced loss + a detached rollout's alignment (denoising its own errors)
+            if args.joint and not args.tf_noise:  # the trainer's stage1.mode: joint
+                out = model(batch, layout, mode="joint", targets_BKD=tgt, rollout_weight=args.joint)
+            elif args.joint:  # the same with noisy teacher-forced inputs
                 tf_out = (stage1_noisy_teacher(model, batch, layout, tgt, args.tf_noise) if args.tf_noise > 0
                           else model(batch, layout, mode="single", targets_BKD=tgt))
                 roll = stage1_rollout(model, batch, layout, tgt, detach=True, feed_target_prob=0.0, input_scale=1.0)

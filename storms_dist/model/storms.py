@@ -194,7 +194,7 @@ class STORMSModel(nn.Module):
             out = self._forward_mode(batch, layout, "single", targets_BKD, embeds_BLD, pos_3BL, visual,
                                      video_mask_BL, num_steps)
             rolled = self._forward_mode(batch, layout, "rollout", targets_BKD, embeds_BLD, pos_3BL, visual,
-                                        video_mask_BL, num_steps, detach_inputs=True)
+                                        video_mask_BL, num_steps, detach_inputs=True, latents_only=True)
             rollout_align = alignment_loss(rolled.latents_BKD, targets_BKD, self.align_loss)
             out.loss = out.loss + rollout_weight * self.align_weight * rollout_align
             out.align = rollout_align.detach()  # what inference sees: the rolled-out latents' distance
@@ -220,7 +220,7 @@ class STORMSModel(nn.Module):
         return term * 0.0
 
     def _forward_mode(self, batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps,
-                      *, detach_inputs: bool = False):
+                      *, detach_inputs: bool = False, latents_only: bool = False):
         num_latents, attention_mask = layout.num_latents, batch["attention_mask"]
         P, S0 = layout.prefix_len, layout.suffix_start
 
@@ -237,17 +237,18 @@ class STORMSModel(nn.Module):
         elif mode == "rollout":
             with self.decoder_checkpointing_off(), self.decoder_kept_gathered(self.gather_latent_passes):
                 return self._rollout(batch, layout, embeds_BLD, pos_3BL, visual, video_mask_BL, targets_BKD,
-                                     num_steps, detach_inputs=detach_inputs)
+                                     num_steps, detach_inputs=detach_inputs, latents_only=latents_only)
         else:
             raise ValueError(f"unknown forward mode {mode!r}")
         return self._loss(batch, answer_hidden_BTD, first, latents_BKD, targets_BKD)
 
     def _rollout(self, batch, layout, embeds_BLD, pos_3BL, visual, video_mask_BL, targets_BKD,
-                 num_steps: int, *, detach_inputs: bool = False) -> STORMSOutput:
+                 num_steps: int, *, detach_inputs: bool = False, latents_only: bool = False) -> STORMSOutput:
         """Prefill, latent steps, suffix. ``num_steps`` >= K: steps past K (only when another rank rolls out further)
         run the same cached pass but are masked out of every later pass, so the result is exactly the K-step one
         while every rank's graph -- and so ZeRO-3's gather order, forward and backward -- is the same.
-        ``detach_inputs``: each latent enters the next pass as a constant (no gradient through the chain)."""
+        ``detach_inputs``: each latent enters the next pass as a constant (no gradient through the chain).
+        ``latents_only``: stop after the latent steps (no suffix pass, no loss): joint mode needs the latents only."""
         attention_mask = batch["attention_mask"]
         P, S0, K = layout.prefix_len, layout.suffix_start, layout.num_latents
         if self.latent_attention == "off":
@@ -267,6 +268,8 @@ class STORMSModel(nn.Module):
                 latent = self.decoder(latent.detach() if detach_inputs else latent, pos_3BL[:, :, col : col + 1],
                                       torch.cat([mask_BS, ones_B1], dim=1), cache)
                 mask_BS = torch.cat([mask_BS, ones_B1 if k < K else ones_B1 * 0], dim=1)
+            if latents_only:
+                return STORMSOutput(latents_BKD=torch.cat(latents[:K], dim=1))
             hidden_BSD = self.decoder(embeds_BLD[:, S0:], pos_3BL[:, :, S0:],
                                       torch.cat([mask_BS, attention_mask[:, S0:]], dim=1), cache)
         return self._loss(batch, hidden_BSD[:, :-1], S0, torch.cat(latents[:K], dim=1), targets_BKD)

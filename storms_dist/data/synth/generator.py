@@ -99,7 +99,7 @@ def make_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> _Vide
 
 
 def make_grid_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> _VideoResult:
-    """The grid task's video ``index``: the clip, its thought video (grid.thought_cells), one question (grid.py)."""
+    """The grid task's video ``index``: the clip, its thought video (grid.thought_states), one question (grid.py)."""
     task = cfg.grid
     qtype = cfg.question_types[index % len(cfg.question_types)]
     world = grid.sample_world(_rng(cfg, split, index, 0), task)
@@ -117,8 +117,8 @@ def make_grid_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> 
     perception = [plan(q) for q in grid.perception_questions(world, task)] if split in PERCEPTION_SPLITS else []
     meta = {"variant": qtype, "task": "grid", "thought": task.thought, "start": list(world.start),
             "velocity": list(world.velocity), "clip_cells": world.clip_T2.tolist(),
-            "thought_cells": thought.cells_T2.tolist(), "thought_timers": thought.timers_T.tolist(), "baselines": grid.baseline_answers(world, task),
-            **main.meta}
+            "thought_cells": thought.cells_T2.tolist(), "thought_timers": thought.timers_T.tolist(),
+            "baselines": grid.baseline_answers(world, task), **main.meta}
     return _VideoResult(split=split, index=index, qtype=qtype, plan=plan(main), perception=tuple(perception),
                         video=video, thought_video=thought_video, meta=meta)
 

@@ -12,7 +12,7 @@ for its cell ``D`` frames after the clip, with ``D`` drawn per item from ``horiz
 one forward pass must compute a ``(cell, velocity, D)`` lookup with bounces, while the thought video -- the
 ground-truth motion up to the asked moment, then held, two frames (= one merged token = one of the K targets) per
 latent step -- lays out the state ``k`` steps on in target ``k`` and ends on the answer's state
-(``thought_cells``). A static control asks for the ball's cell at the end of the clip.
+(``thought_states``). A static control asks for the ball's cell at the end of the clip.
 
 Everything is a pure function of ``(seed, split, index)``; ``generator.py`` owns the output folder and manifests.
 """
@@ -286,11 +286,6 @@ def thought_states(world: GridWorld, qtype: str, cfg: GridTaskConfig) -> FrameSt
         cell, heading, timers = world.clip_T2[-1], world.headings_T[cfg.clip_frames - 1], np.zeros_like(timers)
     return FrameStates(np.concatenate([world.thought_T2[:asked], np.repeat(cell[None], held, axis=0)]),
                        np.concatenate([headings[:asked], np.full(held, heading)]), timers)
-
-
-def thought_cells(world: GridWorld, qtype: str, cfg: GridTaskConfig) -> np.ndarray:
-    """The ball's cell in each thought-video frame."""
-    return thought_states(world, qtype, cfg).cells_T2
 
 
 def cell_options(cells: int) -> tuple[str, ...]:
