@@ -104,6 +104,37 @@ def test_continuation_thought_is_the_next_frames_whatever_is_asked(tmp_path) -> 
         assert s.meta["clip_cells"] + s.meta["thought_cells"] == path and s.meta["thought"] == "continuation"
 
 
+def test_flow_tour_visits_every_cell_by_neighbour_moves() -> None:
+    for cells, seed in ((4, 0), (4, 1), (8, 0)):
+        tour = grid.flow_cycle(cells, seed)
+        assert sorted(tour) == [(c, r) for c in range(cells) for r in range(cells)]
+        for (c0, r0), (c1, r1) in zip(tour, tour[1:] + tour[:1]):  # closed, one king's move per frame
+            assert max(abs(c1 - c0), abs(r1 - r0)) == 1
+    assert grid.flow_cycle(4, 0) != grid.flow_cycle(4, 1)
+
+
+def test_flow_dynamics_answers_follow_the_tour_and_the_cell_is_the_state(tmp_path) -> None:
+    task = GridTaskConfig(dynamics="flow")
+    cfg = SynthConfig(num_train=12, num_val=0, num_test=0, workers=1, grid=task)
+    paths = generate(cfg, tmp_path)
+    tour = list(grid.flow_cycle(4, task.flow_seed))
+    for s in read_manifest(paths["train"]):
+        first = tour.index(tuple(s.meta["clip_cells"][0]))
+        path = [list(tour[(first + t) % 16]) for t in range(20)]
+        assert s.meta["clip_cells"] == path[:4]
+        if s.qtype == "future_cell":  # the answer is the tour D cells on from the clip's last cell
+            col, row = path[3 + s.meta["horizon"]]
+            assert s.meta["thought_cells"][-1] == [col, row]
+            assert s.answer == OPTION_LETTERS[row * 4 + col]
+    perception = read_manifest(paths["perception_train"])  # the cell is the whole state: no direction question
+    assert {p.meta["variant"] for p in perception} == {"cell_at_frame"}
+    assert task.period == 16
+    with pytest.raises(ValueError, match="grid.dynamics"):
+        GridTaskConfig(dynamics="orbit")
+    with pytest.raises(ValueError, match="grid.heading_cue"):
+        GridTaskConfig(dynamics="flow", heading_cue=True)
+
+
 def test_videos_show_the_clip_and_the_thought_video(grid_set) -> None:
     _, paths = grid_set
     sample = read_manifest(paths["train"])[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -40,6 +41,15 @@ class GridTaskConfig:
 
     cells: int = 4
     """Cells per side; the frame is ``cells * 7`` px (4 -> 28 px: one merged token per frame pair)."""
+    dynamics: Literal["bounce", "flow"] = "bounce"
+    """How the ball moves. ``bounce``: diagonally, one cell per frame per axis, reflecting off the walls -- two
+    independent 6-cycles of (position, velocity), so one pass answers with two small lookups and the velocity (which
+    a thought-video target barely shows) is part of the state. ``flow``: every cell sends the ball on to one fixed
+    neighbouring cell (``flow_cycle``: one closed tour through all cells, the same for every video, like a law of
+    motion learned from data): the state is the cell alone -- what every target shows -- so a latent step is a
+    function of its previous latent, while one pass must learn ``(cell, D) -> cell`` over the whole tour."""
+    flow_seed: int = 0
+    """Seed of the ``flow`` tour (a fixed part of the task, not of the sample)."""
     clip_frames: int = 4
     """Frames of the visible clip (even: whole temporal patches). Shorter than the motion's period (2 * (cells - 1)
     frames per axis), so copying a past frame cannot answer most horizons."""
@@ -94,6 +104,11 @@ class GridTaskConfig:
             raise ValueError(f"grid.thought_cues: expected true or false, got {self.thought_cues!r}")
         if not isinstance(self.heading_cue, bool):
             raise ValueError(f"grid.heading_cue: expected true or false, got {self.heading_cue!r}")
+        if self.dynamics not in ("bounce", "flow"):
+            raise ValueError(f"grid.dynamics: expected 'bounce' or 'flow', got {self.dynamics!r}")
+        if self.dynamics == "flow" and (self.heading_cue or self.thought_cues):
+            raise ValueError("grid.heading_cue / grid.thought_cues: the flow dynamics has no heading to show (the "
+                             "cell is the whole state); set both false or use dynamics: bounce")
         if self.thought not in ("until_asked", "continuation"):
             raise ValueError(f"grid.thought: expected 'until_asked' or 'continuation', got {self.thought!r}")
         self.horizons = tuple(self.horizons)
@@ -112,6 +127,11 @@ class GridTaskConfig:
     def max_timer(self) -> int:
         """The largest count the timer shows: D at its largest, at the clip's first frame."""
         return self.horizons[1] + self.clip_frames - 1
+
+    @property
+    def period(self) -> int:
+        """Frames after which the motion repeats: a 2 (cells - 1) bounce per axis, or the flow tour's length."""
+        return 2 * (self.cells - 1) if self.dynamics == "bounce" else self.num_cells
 
     @property
     def size(self) -> int:
@@ -144,6 +164,41 @@ def trajectory(start: tuple[int, int], velocity: tuple[int, int], num_frames: in
     return out
 
 
+@lru_cache(maxsize=None)
+def flow_cycle(cells: int, seed: int) -> tuple[tuple[int, int], ...]:
+    """The ``flow`` law: a closed tour ``(col, row)`` through every cell, each step to one of the 8 neighbours
+    (a Hamiltonian cycle of the king's graph, found by a seeded randomised depth-first search)."""
+    rng = np.random.default_rng(seed)
+    neighbours = {(c, r): [(c + dc, r + dr) for dc in (-1, 0, 1) for dr in (-1, 0, 1)
+                           if (dc or dr) and 0 <= c + dc < cells and 0 <= r + dr < cells]
+                  for c in range(cells) for r in range(cells)}
+    start = (int(rng.integers(cells)), int(rng.integers(cells)))
+    path, seen = [start], {start}
+
+    def extend() -> bool:
+        if len(path) == cells * cells:
+            return start in neighbours[path[-1]]
+        options = [n for n in neighbours[path[-1]] if n not in seen]
+        for i in rng.permutation(len(options)):
+            path.append(options[i])
+            seen.add(options[i])
+            if extend():
+                return True
+            seen.discard(path.pop())
+        return False
+
+    if not extend():  # every grid of 2x2 cells or more has one; a failure here is a bug
+        raise RuntimeError(f"flow_cycle: no closed tour found on a {cells}x{cells} grid")
+    return tuple(path)
+
+
+def flow_trajectory(start: tuple[int, int], num_frames: int, cells: int, seed: int) -> np.ndarray:
+    """Cells of frames ``0 .. num_frames-1`` from ``start`` along the flow tour."""
+    tour = flow_cycle(cells, seed)
+    first = tour.index(start)
+    return np.array([tour[(first + t) % len(tour)] for t in range(num_frames)], dtype=np.int64)
+
+
 def cell_name(col: int, row: int) -> str:
     """``r1c1`` (top-left) .. ``r4c4``: the option text of a cell."""
     return f"r{row + 1}c{col + 1}"
@@ -160,7 +215,8 @@ def direction_name(velocity: tuple[int, int]) -> str:
 
 
 def heading_index(velocity: tuple[int, int]) -> int:
-    return DIRECTIONS.index(direction_name(velocity))
+    """DIRECTIONS index of a diagonal move; -1 for a straight one (the flow tour has both, and no heading cue)."""
+    return DIRECTIONS.index(direction_name(velocity)) if all(velocity) else -1
 
 
 # ---- rendering ----
@@ -259,7 +315,11 @@ def sample_world(rng: np.random.Generator, cfg: GridTaskConfig) -> GridWorld:
     velocity = (int(rng.choice((-1, 1))), int(rng.choice((-1, 1))))
     horizon = int(rng.integers(cfg.horizons[0], cfg.horizons[1] + 1))
     num_frames = cfg.clip_frames + cfg.thought_frames
-    path = trajectory(start, velocity, num_frames + 1, cfg.cells)
+    if cfg.dynamics == "flow":
+        path = flow_trajectory(start, num_frames + 1, cfg.cells, cfg.flow_seed)
+        velocity = tuple(int(v) for v in path[1] - path[0])
+    else:
+        path = trajectory(start, velocity, num_frames + 1, cfg.cells)
     headings = np.array([heading_index(tuple(int(v) for v in step)) for step in np.diff(path, axis=0)])
     return GridWorld(clip_T2=path[:cfg.clip_frames], thought_T2=path[cfg.clip_frames:num_frames], headings_T=headings,
                      start=start, velocity=velocity, horizon=horizon)
@@ -325,7 +385,8 @@ def main_question(world: GridWorld, qtype: str, cfg: GridTaskConfig) -> GridQues
 
 
 def perception_questions(world: GridWorld, cfg: GridTaskConfig) -> list[GridQuestion]:
-    """Stage 0's supervision: the ball's cell at the last ``perception_frames`` clip frames, and its direction."""
+    """Stage 0's supervision: the ball's cell at the last ``perception_frames`` clip frames, and (bounce) its
+    direction."""
     if not cfg.perception_frames:
         return []
     options = cell_options(cfg.cells)
@@ -333,10 +394,10 @@ def perception_questions(world: GridWorld, cfg: GridTaskConfig) -> list[GridQues
     questions = [_question("cell_at_frame", f"Which cell is the ball in at frame {t + 1} of the video?", options,
                            cell_index(int(col), int(row), cfg.cells), frame=t + 1)
                  for t, (col, row) in enumerate(world.clip_T2) if t >= first]
-    if cfg.heading_cue:  # what the last frame shows: the heading of the next move (after a bounce there)
+    if cfg.dynamics == "bounce" and cfg.heading_cue:  # what the last frame shows: the next move's heading
         questions.append(_question("direction", "In which direction is the ball heading at the end of the video?",
                                    DIRECTIONS, int(world.headings_T[cfg.clip_frames - 1])))
-    else:
+    elif cfg.dynamics == "bounce":  # (flow: the cell is the whole state, there is no direction to learn)
         questions.append(_question("direction", "In which direction is the ball moving at the end of the video?",
                                    DIRECTIONS, DIRECTIONS.index(direction_name(world.last_velocity))))
     if cfg.horizon_cue == "timer":
@@ -353,7 +414,7 @@ def baseline_answers(world: GridWorld, cfg: GridTaskConfig) -> dict[str, int]:
     label) and is not listed; ``majority`` and the (last cell, D) lookup are fitted on train by the report."""
     col, row = world.clip_T2[-1]
     answers = {"copy_last": cell_index(int(col), int(row), cfg.cells)}
-    period = 2 * (cfg.cells - 1)
+    period = cfg.period
     target_t = cfg.clip_frames - 1 + world.horizon
     same_phase = [t for t in range(cfg.clip_frames) if (target_t - t) % period == 0]
     copy_col, copy_row = world.clip_T2[same_phase[-1]] if same_phase else world.clip_T2[-1]
