@@ -146,6 +146,25 @@ def test_joint_mode_adds_the_detached_rollouts_alignment(model, tokenizer, monke
         model(batch, layout, mode="joint")
 
 
+def test_teacher_noise_perturbs_the_slot_inputs_not_the_targets(model, tokenizer, monkeypatch):
+    """teacher_noise: the teacher-forced slots get targets + std * N(0, 1); the alignment still compares to the clean
+    targets, so the loss equals a clean pass on the noisy inputs aligned to the clean targets."""
+    batch, layout = make_batch(model, tokenizer, num_latents=3)
+    targets = torch.randn(len(GRIDS_THW), 3, model.text_config.hidden_size)
+    torch.manual_seed(0)
+    noise = 0.5 * torch.randn_like(targets)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        noisy = model(batch, layout, mode="single", targets_BKD=targets, teacher_noise=0.5)
+        clean_inputs = model(batch, layout, mode="single", targets_BKD=targets + noise)
+        clean = model(batch, layout, mode="single", targets_BKD=targets)
+    torch.testing.assert_close(noisy.latents_BKD, clean_inputs.latents_BKD)
+    torch.testing.assert_close(noisy.align, F.mse_loss(clean_inputs.latents_BKD, targets))
+    assert not torch.allclose(noisy.latents_BKD, clean.latents_BKD)
+    with pytest.raises(ValueError, match="teacher_noise"):
+        model(batch, layout, mode="rollout", targets_BKD=targets, teacher_noise=0.5)
+
+
 def test_k0_equals_plain_backbone(model, tokenizer):
     batch, layout = make_batch(model, tokenizer, num_latents=0)
     assert (batch["input_ids"] == latent_token_ids(tokenizer).pad).sum() == 0

@@ -11,6 +11,7 @@ Forward modes (one ``nn.Module.forward`` so a DeepSpeed engine can wrap it; ZeRO
   alignment of a rollout whose slot inputs are the model's own latents with the gradient cut between steps. The
   teacher-forced pass learns each step from true inputs; the rollout term teaches the steps to correct their own
   errors -- the one Stage I under which the rolled-out latents approached the targets (docs/results.md, session 6).
+  ``teacher_noise`` (single / joint with targets) adds Gaussian noise to the teacher-forced slot inputs only.
 
 The latent state aligned with slot k is the hidden state of the position before it -- exactly the embedding the
 rollout feeds into slot k -- so both modes align the same quantity.
@@ -162,6 +163,7 @@ class STORMSModel(nn.Module):
         mode: ForwardMode,
         targets_BKD: torch.Tensor | None = None,
         rollout_weight: float = 1.0,
+        teacher_noise: float = 0.0,
     ) -> STORMSOutput:
         num_latents = layout.num_latents
         if targets_BKD is not None and num_latents == 0:
@@ -170,6 +172,9 @@ class STORMSModel(nn.Module):
             raise ValueError(f"targets have {targets_BKD.shape[1]} slots, batch has K={num_latents}")
         if mode == "joint" and targets_BKD is None:
             raise ValueError("mode 'joint' is a Stage I mode: it needs thought-video targets (stage align: true)")
+        if teacher_noise and (mode not in ("single", "joint") or targets_BKD is None):
+            raise ValueError(f"teacher_noise perturbs teacher-forced slot inputs: it needs targets and mode 'single' "
+                             f"or 'joint', got mode {mode!r}")
         rollout_requested = mode in ("rollout", "joint")
         if mode == "rollout" and num_latents == 0:
             mode = "single"  # nothing to roll out: K=0 is one pass
@@ -192,7 +197,7 @@ class STORMSModel(nn.Module):
         video_mask_BL = input_ids == self.video_token_id
         if mode == "joint":
             out = self._forward_mode(batch, layout, "single", targets_BKD, embeds_BLD, pos_3BL, visual,
-                                     video_mask_BL, num_steps)
+                                     video_mask_BL, num_steps, teacher_noise=teacher_noise)
             rolled = self._forward_mode(batch, layout, "rollout", targets_BKD, embeds_BLD, pos_3BL, visual,
                                         video_mask_BL, num_steps, detach_inputs=True, latents_only=True)
             rollout_align = alignment_loss(rolled.latents_BKD, targets_BKD, self.align_loss)
@@ -201,7 +206,7 @@ class STORMSModel(nn.Module):
             out.latents_BKD = rolled.latents_BKD
         else:
             out = self._forward_mode(batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL,
-                                     num_steps)
+                                     num_steps, teacher_noise=teacher_noise)
         if zero_term is not None:
             out.loss = out.loss + zero_term
         return out
@@ -220,14 +225,19 @@ class STORMSModel(nn.Module):
         return term * 0.0
 
     def _forward_mode(self, batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps,
-                      *, detach_inputs: bool = False, latents_only: bool = False):
+                      *, detach_inputs: bool = False, latents_only: bool = False, teacher_noise: float = 0.0):
         num_latents, attention_mask = layout.num_latents, batch["attention_mask"]
         P, S0 = layout.prefix_len, layout.suffix_start
 
         if mode == "single":
             if targets_BKD is not None:
+                # teacher_noise: the step learns to map a perturbed state back onto the clean targets it is aligned
+                # to, the errors its own rollout will feed it (docs/results.md, sessions 6 and 8)
+                inputs_BKD = targets_BKD
+                if teacher_noise:
+                    inputs_BKD = targets_BKD + teacher_noise * torch.randn_like(targets_BKD)
                 embeds_BLD = embeds_BLD.clone()
-                embeds_BLD[:, layout.slots] = targets_BKD.to(embeds_BLD.dtype)
+                embeds_BLD[:, layout.slots] = inputs_BKD.to(embeds_BLD.dtype)
             hidden_BLD = self.decoder(embeds_BLD, pos_3BL, attention_mask, None, visual=visual,
                                       video_mask_BT=video_mask_BL)
             latents_BKD = hidden_BLD[:, P - 1 : S0 - 1] if num_latents else None

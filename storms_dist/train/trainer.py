@@ -74,6 +74,9 @@ class StageConfig:
     gradient cut between steps (model/storms.py)."""
     rollout_weight: float = 1.0
     """joint mode: weight of the rolled-out latents' alignment, relative to the teacher-forced one."""
+    teacher_noise: float = 0.0
+    """single / joint with align: std of Gaussian noise added to the teacher-forced slot inputs (the targets they
+    are aligned to stay clean), so each step learns to pull an imprecise state back onto the targets."""
     align: bool = False
     """Add lambda * alignment to the thought-video targets (Stage I)."""
     split: Literal["train", "perception"] = "train"
@@ -92,6 +95,11 @@ class StageConfig:
             raise ValueError("mode: 'joint' aligns the latents to thought-video targets; set align: true (Stage I)")
         if self.rollout_weight < 0:
             raise ValueError(f"rollout_weight: expected >= 0, got {self.rollout_weight}")
+        if self.teacher_noise < 0:
+            raise ValueError(f"teacher_noise: expected >= 0, got {self.teacher_noise}")
+        if self.teacher_noise and not (self.align and self.mode in ("single", "joint")):
+            raise ValueError(f"teacher_noise: perturbs teacher-forced slot inputs; it needs align: true and mode "
+                             f"'single' or 'joint', got align {self.align}, mode {self.mode!r}")
 
 
 @dataclass(kw_only=True)
@@ -412,6 +420,8 @@ class Trainer:
             targets = self.targets[uids] if self.targets is not None else None
             t1 = time.perf_counter()
             extra = {"rollout_weight": stage_cfg.rollout_weight} if stage_cfg.mode == "joint" else {}
+            if stage_cfg.teacher_noise:
+                extra["teacher_noise"] = stage_cfg.teacher_noise
             out = engine(batch, layout, mode=stage_cfg.mode, targets_BKD=targets, **extra)
             t2 = time.perf_counter()
             # all ranks agree before any backward: a non-finite loss anywhere drops this micro-batch everywhere
