@@ -164,32 +164,70 @@ def trajectory(start: tuple[int, int], velocity: tuple[int, int], num_frames: in
     return out
 
 
+FLOW_SEARCH_BUDGET = 20_000  # depth-first extensions before the constructive fallback
+
+
 @lru_cache(maxsize=None)
 def flow_cycle(cells: int, seed: int) -> tuple[tuple[int, int], ...]:
     """The ``flow`` law: a closed tour ``(col, row)`` through every cell, each step to one of the 8 neighbours
-    (a Hamiltonian cycle of the king's graph, found by a seeded randomised depth-first search)."""
-    rng = np.random.default_rng(seed)
+    (a Hamiltonian cycle of the king's graph), drawn from ``seed``.
+
+    A seeded randomised depth-first search (the measured 4x4 tours come from it) explodes from 5x5 on, so past
+    ``FLOW_SEARCH_BUDGET`` extensions the tour is built instead: a serpentine cycle shuffled by random 2-opt moves
+    (reverse a stretch when its two new joins are also king's moves), which keeps it a closed tour at every step."""
     neighbours = {(c, r): [(c + dc, r + dr) for dc in (-1, 0, 1) for dr in (-1, 0, 1)
                            if (dc or dr) and 0 <= c + dc < cells and 0 <= r + dr < cells]
                   for c in range(cells) for r in range(cells)}
-    start = (int(rng.integers(cells)), int(rng.integers(cells)))
-    path, seen = [start], {start}
+    rng = np.random.default_rng(seed)
+    tour = _depth_first_tour(neighbours, cells, rng)
+    return tour if tour is not None else _shuffled_serpentine_tour(cells, rng)
 
-    def extend() -> bool:
+
+def _depth_first_tour(neighbours: dict, cells: int, rng: np.random.Generator):
+    start = (int(rng.integers(cells)), int(rng.integers(cells)))
+    path, seen, budget = [start], {start}, [FLOW_SEARCH_BUDGET]
+
+    def extend() -> bool | None:  # None: out of budget
         if len(path) == cells * cells:
             return start in neighbours[path[-1]]
         options = [n for n in neighbours[path[-1]] if n not in seen]
         for i in rng.permutation(len(options)):
+            budget[0] -= 1
+            if budget[0] < 0:
+                return None
             path.append(options[i])
             seen.add(options[i])
-            if extend():
-                return True
+            found = extend()
+            if found is None or found:
+                return found
             seen.discard(path.pop())
         return False
 
-    if not extend():  # every grid of 2x2 cells or more has one; a failure here is a bug
-        raise RuntimeError(f"flow_cycle: no closed tour found on a {cells}x{cells} grid")
-    return tuple(path)
+    return tuple(path) if extend() else None
+
+
+def _shuffled_serpentine_tour(cells: int, rng: np.random.Generator) -> tuple[tuple[int, int], ...]:
+    if cells % 2:
+        raise ValueError(f"flow_cycle: the constructive tour needs an even grid side, got {cells}")
+    # row 0 left to right, rows 1.. snaking over columns 1.., back up column 0
+    tour = [(c, 0) for c in range(cells)]
+    for r in range(1, cells):
+        cols = range(cells - 1, 0, -1) if r % 2 else range(1, cells)
+        tour += [(c, r) for c in cols]
+    tour += [(0, r) for r in range(cells - 1, 0, -1)]
+
+    def king(a, b) -> bool:
+        return max(abs(a[0] - b[0]), abs(a[1] - b[1])) == 1
+
+    n = len(tour)
+    for i, j in np.sort(rng.integers(n, size=(20 * n * n, 2)), axis=1).tolist():
+        if j - i < 2:
+            continue
+        a, b, c, d = tour[i], tour[i + 1], tour[j], tour[(j + 1) % n]
+        if king(a, c) and king(b, d):
+            tour[i + 1:j + 1] = tour[i + 1:j + 1][::-1]
+    start = int(rng.integers(n))
+    return tuple(tour[start:] + tour[:start])
 
 
 def flow_trajectory(start: tuple[int, int], num_frames: int, cells: int, seed: int) -> np.ndarray:
