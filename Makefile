@@ -29,7 +29,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/runs/torch_extensions
 PYTEST_MARKERS ?= not slow
 PYTEST_ARGS ?=
 
-.PHONY: help demo demo-quick test test-slow install clean clean-all slurm-up slurm-down
+.PHONY: help demo demo-quick test test-slow lint install clean clean-all slurm-up slurm-down
 
 help:  ## list the targets
 	@echo "storms_dist make targets:"
@@ -60,6 +60,9 @@ demo: $(CORE_STAMP)  ## run the whole pipeline on the embedded default (synth, S
 
 demo-quick: $(CORE_STAMP)  ## the same pipeline with a tiny budget (configs/demo/synth_quick.yaml), a smoke run
 	$(VENV)/bin/storms demo --quick
+
+lint: $(STAMP)  ## ruff, with the rules in pyproject.toml (tests/test_lint.py runs the same check)
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP)  ## the default test suite (excludes the slow marker; slurm tests skip without a cluster)
 	$(PY) -m pytest -q -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS)

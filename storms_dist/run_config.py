@@ -12,9 +12,9 @@ from storms_dist.eval.evaluate import EvalConfig
 from storms_dist.model.build import ModelConfig, TrainableConfig
 from storms_dist.targets import TargetsConfig
 from storms_dist.tracking import TrackingConfig
+from storms_dist.train.checkpoint import CheckpointConfig
 from storms_dist.train.deepspeed_config import DeepSpeedConfig
 from storms_dist.train.optim import OptimConfig
-from storms_dist.train.checkpoint import CheckpointConfig
 from storms_dist.train.trainer import RobustnessConfig, StageConfig
 
 METHODS = ("sft_k0", "stage1_only", "stage2_only", "storms")

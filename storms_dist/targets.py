@@ -123,10 +123,11 @@ def build_targets(
     out_dir: Path,
     *,
     num_latents: int,
-    cfg: TargetsConfig = TargetsConfig(),
+    cfg: TargetsConfig | None = None,
     progress: bool = False,
 ) -> TargetStore:
     """Encode every sample's thought video and store its K pooled targets; reuse the cache when its stamp matches."""
+    cfg = cfg if cfg is not None else TargetsConfig()  # a fresh default: the config is mutable
     out_dir = Path(out_dir)
     samples = [s for s in samples if s.thought_video is not None]
     if not samples:

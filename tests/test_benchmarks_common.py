@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from storms_dist.data.manifest import read_manifest, write_manifest
+from storms_dist.data.video_io import encoder_available, write_video
 from storms_dist.eval.benchmarks import (
     BENCHMARKS,
     BenchItem,
@@ -25,8 +27,6 @@ from storms_dist.eval.benchmarks import (
 )
 from storms_dist.eval.benchmarks.cli import add_data_parser, add_score_parser
 from storms_dist.eval.benchmarks.judge import Judge, chat_completions_url
-from storms_dist.data.manifest import read_manifest, write_manifest
-from storms_dist.data.video_io import encoder_available, write_video
 
 needs_h264 = pytest.mark.skipif(not encoder_available("h264"), reason="libx264 is not in this PyAV build")
 

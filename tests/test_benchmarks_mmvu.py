@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storms_dist.eval.benchmarks import BENCHMARKS, BenchmarkDataError, mmvu
 from storms_dist.data.video_io import encoder_available, write_video
+from storms_dist.eval.benchmarks import BENCHMARKS, BenchmarkDataError, mmvu
 
 needs_h264 = pytest.mark.skipif(not encoder_available("h264"), reason="libx264 is not in this PyAV build")
 URL = "https://huggingface.co/datasets/yale-nlp/MMVU/resolve/main/videos/{}"

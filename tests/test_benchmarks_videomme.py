@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from storms_dist.data.video_io import encoder_available, write_video
 from storms_dist.eval.benchmarks import (
     BENCHMARKS,
     BenchmarkDataError,
     extract_mcq_letter,
     videomme,
 )
-from storms_dist.data.video_io import encoder_available, write_video
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 import transformers
+
 from storms_dist.data.preprocess import (
     IMAGENET_STANDARD_MEAN,
     OPENAI_CLIP_MEAN,

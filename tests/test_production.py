@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, tiny_run_config
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_run_config
 from storms_dist.config import dump
 from storms_dist.train.signals import REQUEUE_EXIT_CODE
 

@@ -134,8 +134,12 @@ def test_answer_tokens(tok):
 
 # ------------------------------------------------------------------------- whole chain through tiny models
 def _tiny_model(family: str, tok):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig
-    from transformers import Qwen3VLForConditionalGeneration
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
 
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in dict(
         image_token_id="<|image_pad|>", video_token_id="<|video_pad|>", vision_start_token_id="<|vision_start|>",

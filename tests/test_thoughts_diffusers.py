@@ -15,8 +15,14 @@ from storms_dist.data.manifest import read_manifest, write_manifest
 from storms_dist.data.synth import SynthConfig, generate
 from storms_dist.data.video_io import probe_video
 from storms_dist.thoughts.cli import main as thoughts_main
-from storms_dist.thoughts.generators import DiffusersConfig, DiffusersGenerator, GenerationRequest, load_dtypes, \
-    output_size, to_uint8_frames
+from storms_dist.thoughts.generators import (
+    DiffusersConfig,
+    DiffusersGenerator,
+    GenerationRequest,
+    load_dtypes,
+    output_size,
+    to_uint8_frames,
+)
 from storms_dist.thoughts.keyframes import select_keyframes
 
 needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,

@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from storms_dist.eval.benchmarks.judge import OpenAIJudge
 from storms_dist.data.manifest import read_manifest, write_manifest
 from storms_dist.data.synth import SynthConfig, generate
 from storms_dist.data.video_io import decode_frames, probe_video, write_video
+from storms_dist.eval.benchmarks.judge import OpenAIJudge
 from storms_dist.thoughts.cli import main as thoughts_main
 from storms_dist.thoughts.generators import FilesGenerator, GeneratedVideo, GenerationRequest, ProceduralGenerator
 from storms_dist.thoughts.pipeline import (

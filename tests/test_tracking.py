@@ -240,7 +240,7 @@ def test_exception_marks_failed_and_reraises(tracker: Tracker) -> None:
         with tracker.run("stage", parent_run_id=parent):
             child = tracker.active_run_id
             tracker.log_metrics({"loss": 3.0}, step=7)
-            1 / 0
+            raise ZeroDivisionError("a failing stage")
     assert tracker.active_run_id == parent
     tracker.end_run("FAILED")
     client = _client(tracker)

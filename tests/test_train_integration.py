@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, tiny_run_config
+
 from storms_dist.pipeline import run_training
 from storms_dist.train.trainer import TrainJob
 

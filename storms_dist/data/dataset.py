@@ -16,8 +16,14 @@ import torch
 from storms_dist.data.dali import DECODERS, DaliVideoLoader, decode_video_frames
 from storms_dist.data.manifest import Sample, read_manifest
 from storms_dist.data.preprocess import ResizeConfig, VisionSpec, preprocess_video
-from storms_dist.data.prompt import MC_INSTRUCTION, TEXT_INSTRUCTION, answer_tokens, build_prompt, \
-    extract_answer_letter, match_option_text
+from storms_dist.data.prompt import (
+    MC_INSTRUCTION,
+    TEXT_INSTRUCTION,
+    answer_tokens,
+    build_prompt,
+    extract_answer_letter,
+    match_option_text,
+)
 from storms_dist.data.sampling import FrameSamplingConfig, sample_frame_indices, sampled_timestamps, second_per_grid_t
 from storms_dist.data.video_io import VideoInfo, probe_video
 from storms_dist.model.latent import LatentTokenIds, SlotLayout, collate_latent_batch

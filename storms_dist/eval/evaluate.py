@@ -63,10 +63,9 @@ def evaluate_benchmark(export_dir: str | Path, benchmark: str, data_root: str | 
                        cfg: EvalConfig, out_dir: str | Path, *, progress: bool = False) -> dict:
     """A public benchmark (Video-MME, MVBench, TempCompass, MMVU) with lmms-eval's prompts and scoring and the
     paper's frame / pixel settings (``eval.benchmark_*``). Predictions are written in ``storms score`` format."""
-    from storms_dist.eval.benchmarks import get_benchmark
     from storms_dist.data.sampling import FrameSamplingConfig
-
     from storms_dist.data.video_io import VideoDecodeError, probe_video
+    from storms_dist.eval.benchmarks import get_benchmark
 
     bench = get_benchmark(benchmark)
     items = bench.load(data_root)

@@ -7,7 +7,7 @@ config (no hub access at run time); real entries name the checkpoints clusters l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Family = Literal["qwen2_5_vl", "qwen3_vl"]

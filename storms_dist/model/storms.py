@@ -35,8 +35,8 @@ from storms_dist.model.latent import (
     SlotLayout,
     alignment_loss,
 )
-from storms_dist.model.mrope import continuation_positions, mrope_positions
 from storms_dist.model.latent_cache import PrefixTailCache, latent_passes
+from storms_dist.model.mrope import continuation_positions, mrope_positions
 from storms_dist.model.registry import BackboneSpec
 from storms_dist.train.distributed import all_reduce_max
 

@@ -19,8 +19,16 @@ from typing import Any
 
 from storms_dist.data.convert import FORMATS
 from storms_dist.data.manifest import SPLITS
-from storms_dist.thoughts.constants import BACKENDS, CODECS, CONDITIONS, DEFAULT_TEMPLATE, DTYPES, KEYFRAME_METHODS, \
-    PROMPT_SOURCES, TEMPLATE_FIELDS
+from storms_dist.thoughts.constants import (
+    BACKENDS,
+    CODECS,
+    CONDITIONS,
+    DEFAULT_TEMPLATE,
+    DTYPES,
+    KEYFRAME_METHODS,
+    PROMPT_SOURCES,
+    TEMPLATE_FIELDS,
+)
 
 
 def _one_line(error: BaseException) -> str:
@@ -97,8 +105,7 @@ def add_thoughts_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def build_generator(args: argparse.Namespace):
-    from storms_dist.thoughts.generators import DiffusersConfig, DiffusersGenerator, FilesGenerator, \
-        ProceduralGenerator
+    from storms_dist.thoughts.generators import DiffusersConfig, DiffusersGenerator, FilesGenerator, ProceduralGenerator
 
     if args.backend is None:
         raise ValueError("--backend: expected procedural, diffusers or files (or --merge)")
@@ -132,8 +139,13 @@ def build_prompt_source(args: argparse.Namespace):
 def cmd_thoughts(args: argparse.Namespace) -> int:
     from storms_dist.data.manifest import ManifestError
     from storms_dist.data.video_io import VideoDecodeError
-    from storms_dist.thoughts.pipeline import ThoughtsError, ThoughtsSettings, merge_thoughts, resolve_shard, \
-        run_thoughts
+    from storms_dist.thoughts.pipeline import (
+        ThoughtsError,
+        ThoughtsSettings,
+        merge_thoughts,
+        resolve_shard,
+        run_thoughts,
+    )
 
     try:
         if args.merge:

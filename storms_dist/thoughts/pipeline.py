@@ -36,8 +36,8 @@ from storms_dist.data.manifest import SPLITS, ManifestError, Sample, read_manife
 from storms_dist.data.video_io import SUFFIX_BY_CODEC, VideoDecodeError, probe_video, write_video
 from storms_dist.thoughts.constants import CONDITIONS
 from storms_dist.thoughts.generators import VIDEO_SUFFIXES, GenerationError, GenerationRequest, Generator
-from storms_dist.thoughts.naming import file_stem  # noqa: F401  (re-exported)
 from storms_dist.thoughts.keyframes import KEYFRAME_METHODS, Keyframes, pick_condition, select_keyframes
+from storms_dist.thoughts.naming import file_stem  # noqa: F401  (re-exported)
 from storms_dist.thoughts.prompts import PromptError, PromptSource
 
 STAMP_NAME = "thoughts_config.json"

@@ -19,10 +19,11 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from storms_dist.eval.benchmarks.judge import Judge, JudgeError
 from storms_dist.data.manifest import OPTION_LETTERS, Sample
+from storms_dist.eval.benchmarks.judge import Judge, JudgeError
 from storms_dist.thoughts.constants import DEFAULT_TEMPLATE, PROMPT_SOURCES, TEMPLATE_FIELDS  # noqa: F401
 from storms_dist.thoughts.keyframes import Keyframes
+
 
 class PromptError(RuntimeError):
     """A prompt could not be made for a sample (teacher unreachable, empty or unusable reply). One line."""

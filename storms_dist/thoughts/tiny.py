@@ -26,11 +26,21 @@ def build_tiny_wan_i2v(directory: str | Path, *, seed: int = 0, first_last_frame
     ``first_last_frame``: the Wan 2.1 FLF2V variant (an image position embedding over two images), which accepts
     ``last_image``."""
     import torch
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, \
-        WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, \
-        UMT5Config, UMT5EncoderModel
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        PreTrainedTokenizerFast,
+        UMT5Config,
+        UMT5EncoderModel,
+    )
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for word in _VOCAB_WORDS:

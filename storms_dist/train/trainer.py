@@ -29,16 +29,16 @@ from storms_dist.model.build import (
     build_tokenizer,
     export_model,
     latent_token_ids,
-    write_latent_settings,
     param_groups,
+    write_latent_settings,
 )
-from storms_dist.train.deepspeed_config import build_ds_config
 from storms_dist.train.checkpoint import CheckpointManager, tag_for
+from storms_dist.train.deepspeed_config import build_ds_config
 from storms_dist.train.distributed import all_reduce_max, barrier, init_distributed
 from storms_dist.train.flops import FlopsModel, peak_flops_per_device
 from storms_dist.train.grad_norm import step_with_grad_norm
 from storms_dist.train.optim import lr_multiplier
-from storms_dist.train.signals import PreemptionFlag, Preempted
+from storms_dist.train.signals import Preempted, PreemptionFlag
 
 # DeepSpeed 0.19.8 calls torch's deprecated reduce_scatter_tensor on every step and torch warns on every call (its
 # c10d wrapper defeats the once-per-location rule), which buries the progress bar and the logs.

@@ -15,10 +15,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
+import test_model  # noqa: E402
 from test_model import make_batch  # noqa: E402  (the model tests' batch builder)
+
 from storms_dist.model.build import ModelConfig, build_model, build_tokenizer, latent_token_ids  # noqa: E402
 from storms_dist.model.latent import collate_latent_batch  # noqa: E402
-import test_model  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--no-sync", action="store_true")

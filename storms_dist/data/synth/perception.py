@@ -13,6 +13,7 @@ from storms_dist.data.synth.config import EXTREMES, PALETTE, QUADRANTS
 from storms_dist.data.synth.physics import quadrant_margin, quadrant_of
 from storms_dist.data.synth.questions import QuestionPlan, World, _colour_options
 
+
 def _perception_colour_in_quadrant(world: World, rng: np.random.Generator, frame_name: str) -> QuestionPlan | None:
     size, radius = world.cfg.size, world.cfg.radius
     t = 0.0 if frame_name == "first" else world.clip_end

@@ -46,6 +46,7 @@ from storms_dist.data.synth.physics import (
 )
 from storms_dist.data.synth.rendering import ThoughtSpec
 
+
 @dataclass(frozen=True)
 class QuestionPlan:
     """A question with options in canonical order; letters are assigned later, balanced over the split."""

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 if TYPE_CHECKING:
-    from storms_dist.eval.benchmarks.judge import Judge
     from storms_dist.data.manifest import Sample
+    from storms_dist.eval.benchmarks.judge import Judge
 
 Kind = Literal["multiple_choice", "yes_no", "caption_matching", "open", "captioning"]
 KINDS: Final[tuple[str, ...]] = get_args(Kind)
