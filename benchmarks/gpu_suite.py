@@ -154,6 +154,7 @@ def environment(suite: Suite, device) -> None:
     import importlib.util
 
     import torch
+
     from storms_dist.kernels._backend import triton_available
 
     suite.record("environment", "triton importable", triton_available())
@@ -172,6 +173,8 @@ def environment(suite: Suite, device) -> None:
 
 def kernel_parity(suite: Suite, device) -> None:
     import torch
+
+    from storms_dist.data.preprocess import VisionSpec
     from storms_dist.kernels.latent_attention import (
         latent_attention,
         latent_attention_reference,
@@ -180,8 +183,6 @@ def kernel_parity(suite: Suite, device) -> None:
         video_to_patches,
         video_to_patches_reference,
     )
-
-    from storms_dist.data.preprocess import VisionSpec
 
     dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32, torch.float16)
     B, H, G, P, D = (1, 4, 2, 33, 16) if suite.smoke else (2, 16, 2, 4096, 128)
@@ -210,10 +211,10 @@ def kernel_parity(suite: Suite, device) -> None:
 def kernel_speed(suite: Suite, device) -> None:
     import torch
     import torch.nn.functional as F
-    from storms_dist.kernels.latent_attention import latent_attention
-    from storms_dist.kernels.video_to_patches import video_to_patches
 
     from storms_dist.data.preprocess import VisionSpec
+    from storms_dist.kernels.latent_attention import latent_attention
+    from storms_dist.kernels.video_to_patches import video_to_patches
 
     B, H, G, P, D = SIZES["smoke" if suite.smoke else "full"]["attn"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from storms_dist.kernels._backend import Backend, resolve_backend, triton_available
 
 

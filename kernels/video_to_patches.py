@@ -18,6 +18,7 @@ Tensor-name legend: T frames, C channels, H/W pixels, N patches (rows), F = C * 
 from __future__ import annotations
 
 import torch
+
 from storms_dist.kernels._backend import Backend, resolve_backend, triton_available
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from storms_dist.kernels._backend import resolve_backend, triton_available
 from storms_dist.kernels.latent_attention import latent_attention, latent_attention_reference
 

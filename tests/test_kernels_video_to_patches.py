@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from storms_dist.kernels._backend import triton_available
-from storms_dist.kernels.video_to_patches import video_to_patches, video_to_patches_reference
 
 from storms_dist.data.preprocess import ResizeConfig, VisionSpec, preprocess_video, resize_frames, resized_hw
+from storms_dist.kernels._backend import triton_available
+from storms_dist.kernels.video_to_patches import video_to_patches, video_to_patches_reference
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install -e '.[triton]')")
 

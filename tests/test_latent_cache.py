@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from storms_dist.kernels._backend import triton_available
 from test_model import BACKBONES, grads, make_batch
 
+from storms_dist.kernels._backend import triton_available
 from storms_dist.model.build import ModelConfig, build_model
 from storms_dist.model.latent_cache import PrefixTailCache, latent_passes
 

@@ -299,6 +299,7 @@ def test_slurm_preempted_stage_resumes_exactly(slurm_runs, local_run):
     """Requeued twice mid-run (SIGTERM, then SIGUSR2), Stage I resumes from its checkpoints and the pipeline ends
     with exactly the results of the uninterrupted run through the local executor."""
     import torch
+
     from storms_dist.launchers.state import pipeline_status, read_state, wait
 
     run_dir, interrupter = slurm_runs["full"], slurm_runs["interrupter"]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from storms_dist.launchers import state as state_mod
 from storms_dist.launchers.cli import main as launch_main
 from storms_dist.launchers.prepare import (
