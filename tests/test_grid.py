@@ -137,6 +137,29 @@ def test_flow_dynamics_answers_follow_the_tour_and_the_cell_is_the_state(tmp_pat
         GridTaskConfig(dynamics="flow", heading_cue=True)
 
 
+def test_holdout_keeps_held_out_pairs_out_of_train_and_asks_only_them_outside(tmp_path) -> None:
+    task = GridTaskConfig(dynamics="flow", holdout=0.5)
+    assert task.held_out_per_cell == 8
+    held_out = grid.held_out_pairs(4, (1, 16), 8, task.holdout_seed)
+    assert len(held_out) == 16 * 8 and held_out == grid.held_out_pairs(4, (1, 16), 8, 0)
+    assert held_out != grid.held_out_pairs(4, (1, 16), 8, 1)
+    cfg = SynthConfig(num_train=24, num_val=12, num_test=12, workers=1, grid=task)
+    paths = generate(cfg, tmp_path)
+    for split in ("train", "val", "test"):
+        samples = read_manifest(paths[split])
+        future = [s for s in samples if s.qtype == "future_cell"]
+        pairs = [(*s.meta["clip_cells"][-1], s.meta["horizon"]) for s in future]
+        assert future and all((p in held_out) == (split != "train") for p in pairs), split
+        assert any(s.qtype == "current_cell" for s in samples)  # the static control draws from any pair
+    # holdout 0 is the plain task: the same worlds from the same seeds
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    plain, restricted = grid.sample_world(rng_a, GridTaskConfig()), grid.sample_world(rng_b, GridTaskConfig(), "train")
+    assert (plain.clip_T2 == restricted.clip_T2).all() and plain.horizon == restricted.horizon
+    for bad in (1.0, -0.1, 0.01):  # 0.01 of 16 horizons rounds to none held out
+        with pytest.raises(ValueError, match="grid.holdout"):
+            GridTaskConfig(holdout=bad)
+
+
 def test_videos_show_the_clip_and_the_thought_video(grid_set) -> None:
     _, paths = grid_set
     sample = read_manifest(paths["train"])[0]

@@ -102,7 +102,9 @@ def make_grid_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> 
     """The grid task's video ``index``: the clip, its thought video (grid.thought_states), one question (grid.py)."""
     task = cfg.grid
     qtype = cfg.question_types[index % len(cfg.question_types)]
-    world = grid.sample_world(_rng(cfg, split, index, 0), task)
+    # a held-out (last cell, D) pair is asked only outside train (grid.holdout); the static control draws any
+    pairs = "any" if qtype != "future_cell" else "train" if split == "train" else "held_out"
+    world = grid.sample_world(_rng(cfg, split, index, 0), task, pairs)
     suffix = SUFFIX_BY_CODEC[cfg.codec]
     video, thought_video = f"videos/{split}/{index:06d}{suffix}", f"thoughts/{split}/{index:06d}{suffix}"
     thought = grid.thought_states(world, qtype, task)

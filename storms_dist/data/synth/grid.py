@@ -78,6 +78,13 @@ class GridTaskConfig:
     """Show the heading and the timer in the thought video only (the clip stays as ``heading_cue`` /
     ``horizon_cue`` say): every target then holds the whole state the next step needs -- cell, heading, frames left
     -- while the clip keeps the plain rendering Stage 0 learns (the cues in the clip cost perception, session 6)."""
+    holdout: float = 0.0
+    """Fraction of the horizons D, per last visible cell, that train never asks about: val and test future_cell
+    questions ask only those ``(last cell, D)`` pairs (``held_out_pairs``), train only the others. The step law is
+    still in every train clip and thought video, so a model that simulates can answer a held-out pair; one that
+    looks ``(cell, D)`` up has never seen it. 0 (default): every split draws every pair."""
+    holdout_seed: int = 0
+    """Seed of the held-out pairs (a fixed part of the task, like ``flow_seed``)."""
     perception_frames: int = 1
     """Stage 0 asks the ball's cell at the last ``perception_frames`` clip frames and its direction of motion (0: no
     perception set). 1 -- the state the dynamics start from -- is learned in ~250 steps; asking every frame makes
@@ -116,6 +123,12 @@ class GridTaskConfig:
         if not 1 <= low <= high <= self.thought_frames:
             raise ValueError(f"grid.horizons: expected 1 <= low <= high <= thought_frames={self.thought_frames}, "
                              f"got {list(self.horizons)}")
+        if not isinstance(self.holdout, (int, float)) or isinstance(self.holdout, bool) or not 0 <= self.holdout < 1:
+            raise ValueError(f"grid.holdout: expected a fraction in [0, 1) of the horizons to hold out per cell, "
+                             f"got {self.holdout!r}")
+        if self.holdout and not 1 <= self.held_out_per_cell < high - low + 1:
+            raise ValueError(f"grid.holdout: {self.holdout} of the {high - low + 1} horizons rounds to "
+                             f"{self.held_out_per_cell} per cell; expected at least 1 held out and 1 left for train")
         if self.horizon_cue == "timer" and high - low + 1 > len(OPTION_LETTERS):
             raise ValueError(f"grid.horizons: the timer's perception question lists every D as an option; at most "
                              f"{len(OPTION_LETTERS)} values, got {list(self.horizons)}")
@@ -127,6 +140,11 @@ class GridTaskConfig:
     def max_timer(self) -> int:
         """The largest count the timer shows: D at its largest, at the clip's first frame."""
         return self.horizons[1] + self.clip_frames - 1
+
+    @property
+    def held_out_per_cell(self) -> int:
+        """How many of the horizons each last visible cell holds out of train."""
+        return round(self.holdout * (self.horizons[1] - self.horizons[0] + 1))
 
     @property
     def period(self) -> int:
@@ -348,7 +366,36 @@ class GridWorld:
         return int(x1 - x0), int(y1 - y0)
 
 
-def sample_world(rng: np.random.Generator, cfg: GridTaskConfig) -> GridWorld:
+@lru_cache(maxsize=None)
+def held_out_pairs(cells: int, horizons: tuple[int, int], per_cell: int, seed: int) -> frozenset[tuple[int, int, int]]:
+    """``(col, row, D)``: the pairs of last visible cell and horizon train never asks about -- ``per_cell`` of the
+    horizons for every cell, drawn from ``seed``, so every cell and (almost surely) every D stays in train too."""
+    rng = np.random.default_rng([seed, 0x401D])
+    pairs = range(horizons[0], horizons[1] + 1)
+    return frozenset((col, row, int(d)) for row in range(cells) for col in range(cells)
+                     for d in rng.choice(pairs, size=per_cell, replace=False))
+
+
+PairSet = Literal["any", "train", "held_out"]
+MAX_WORLD_ATTEMPTS = 10_000
+
+
+def sample_world(rng: np.random.Generator, cfg: GridTaskConfig, pairs: PairSet = "any") -> GridWorld:
+    """One world; ``pairs`` restricts its (last visible cell, D) pair to train's or the held-out ones
+    (``cfg.holdout``) by redrawing from the same stream, so the result stays a pure function of the seed."""
+    if pairs == "any" or not cfg.holdout:
+        return _draw_world(rng, cfg)
+    held_out = held_out_pairs(cfg.cells, cfg.horizons, cfg.held_out_per_cell, cfg.holdout_seed)
+    for _ in range(MAX_WORLD_ATTEMPTS):
+        world = _draw_world(rng, cfg)
+        col, row = (int(v) for v in world.clip_T2[-1])
+        if ((col, row, world.horizon) in held_out) == (pairs == "held_out"):
+            return world
+    raise RuntimeError(f"grid.sample_world: no {pairs} pair in {MAX_WORLD_ATTEMPTS} draws (grid.holdout="
+                       f"{cfg.holdout})")
+
+
+def _draw_world(rng: np.random.Generator, cfg: GridTaskConfig) -> GridWorld:
     start = (int(rng.integers(cfg.cells)), int(rng.integers(cfg.cells)))
     velocity = (int(rng.choice((-1, 1))), int(rng.choice((-1, 1))))
     horizon = int(rng.integers(cfg.horizons[0], cfg.horizons[1] + 1))
