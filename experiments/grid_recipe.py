@@ -195,10 +195,14 @@ def main() -> None:
     p.add_argument("--raw-targets", action="store_true", help="targets: the raw merged tokens (no standardising)")
     p.add_argument("--whiten", type=int, default=0, help="targets: top-r principal components, whitened")
     p.add_argument("--target-sphere", action="store_true", help="standardised targets scaled to unit RMS each")
+    p.add_argument("--timer-code", type=float, default=0.0,
+                   help="diagnostic: add SCALE x a fixed random unit-RMS code of each slot's frames-left count to its "
+                        "target (a Markov state the frozen tower does not show; session 12)")
     args = p.parse_args()
     globals()["SPHERE"] = args.target_sphere
     globals()["WHITEN"] = args.whiten
     globals()["RAW"] = args.raw_targets
+    globals()["TIMER_CODE"] = args.timer_code
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     if args.minimal_prompt:
@@ -376,12 +380,24 @@ def build_targets(model, dataset, k, val_dataset=None):
             z = (t - mean) / std
             return z / z.pow(2).mean(-1, keepdim=True).sqrt() if SPHERE else z
 
+    if TIMER_CODE:  # frames left at each slot's first frame, from the generator's meta (0 for current_cell)
+        samples = {s.uid: s for s in [*dataset.samples, *(val_dataset.samples if val_dataset is not None else [])]}
+        codes = torch.randn(64, stacked.shape[-1], generator=torch.Generator().manual_seed(1234))
+        codes = codes / codes.pow(2).mean(-1, keepdim=True).sqrt()
+
+        def with_timer(uid, t):
+            timers = samples[uid].meta.get("thought_timers") or [0] * (2 * k)
+            return t + TIMER_CODE * codes[torch.tensor(timers[0:2 * k:2])]
+
+        return ({u: with_timer(u, norm(t)) for u, t in out.items()},
+                {u: with_timer(u, norm(t)) for u, t in val_out.items()})
     return ({u: norm(t) for u, t in out.items()}, {u: norm(t) for u, t in val_out.items()})
 
 
 SPHERE = False
 WHITEN = 0
 RAW = False
+TIMER_CODE = 0.0
 
 
 if __name__ == "__main__":

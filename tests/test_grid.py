@@ -59,8 +59,13 @@ def test_config_validation_names_the_field() -> None:
         GridTaskConfig(horizon_cue="clock")
     with pytest.raises(ValueError, match="grid.heading_cue"):
         GridTaskConfig(heading_cue="yes")
-    with pytest.raises(ValueError, match="grid.horizons.*timer"):
+    with pytest.raises(ValueError, match="grid.timer_blue.*23 counts"):
         GridTaskConfig(horizon_cue="timer", horizons=(1, 16), thought_frames=32, clip_frames=8)
+    GridTaskConfig(horizon_cue="timer", horizons=(1, 16), thought_frames=32, clip_frames=8, timer_blue=(0, 255))
+    with pytest.raises(ValueError, match="grid.timer_blue"):
+        GridTaskConfig(timer_blue=(120, 40))
+    with pytest.raises(ValueError, match="grid.timer_blue.*under 4 apart"):
+        GridTaskConfig(dynamics="flow", thought_cues=True, timer_blue=(40, 60))
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ import numpy as np
 from storms_dist.data.manifest import OPTION_LETTERS
 
 CELL_PX = 7
+TIMER_BLUE_BASE, TIMER_BLUE_MAX = 40, 120  # the floor's blue level at timer 0 and at the largest count
 GRID_QTYPES = ("future_cell", "current_cell")
 GRID_DYNAMICS_QTYPES = ("future_cell",)
 GRID_DEFAULT_QTYPES = ("future_cell", "future_cell", "future_cell", "current_cell")  # round-robin: 3 in 4 dynamic
@@ -77,7 +78,12 @@ class GridTaskConfig:
     thought_cues: bool = False
     """Show the heading and the timer in the thought video only (the clip stays as ``heading_cue`` /
     ``horizon_cue`` say): every target then holds the whole state the next step needs -- cell, heading, frames left
-    -- while the clip keeps the plain rendering Stage 0 learns (the cues in the clip cost perception, session 6)."""
+    -- while the clip keeps the plain rendering Stage 0 learns (the cues in the clip cost perception, session 6).
+    With ``flow`` only the timer is shown (the cell is the rest of the state)."""
+    timer_blue: tuple[int, int] = (TIMER_BLUE_BASE, TIMER_BLUE_MAX)
+    """The floor's blue level at timer 0 and at the largest count (``max_timer``), when the timer is shown. The
+    default's levels are ~4 apart, under 2 % of what the Stage-0 tower encodes (docs/results.md, session 12); a
+    wider range (e.g. [0, 255]) is a stronger cue."""
     holdout: float = 0.0
     """Fraction of the horizons D, per last visible cell, that train never asks about: val and test future_cell
     questions ask only those ``(last cell, D)`` pairs (``held_out_pairs``), train only the others. The step law is
@@ -113,9 +119,9 @@ class GridTaskConfig:
             raise ValueError(f"grid.heading_cue: expected true or false, got {self.heading_cue!r}")
         if self.dynamics not in ("bounce", "flow"):
             raise ValueError(f"grid.dynamics: expected 'bounce' or 'flow', got {self.dynamics!r}")
-        if self.dynamics == "flow" and (self.heading_cue or self.thought_cues):
-            raise ValueError("grid.heading_cue / grid.thought_cues: the flow dynamics has no heading to show (the "
-                             "cell is the whole state); set both false or use dynamics: bounce")
+        if self.dynamics == "flow" and self.heading_cue:
+            raise ValueError("grid.heading_cue: the flow dynamics has no heading to show (the cell is the whole "
+                             "state); set it false or use dynamics: bounce")
         if self.thought not in ("until_asked", "continuation"):
             raise ValueError(f"grid.thought: expected 'until_asked' or 'continuation', got {self.thought!r}")
         self.horizons = tuple(self.horizons)
@@ -132,9 +138,15 @@ class GridTaskConfig:
         if self.horizon_cue == "timer" and high - low + 1 > len(OPTION_LETTERS):
             raise ValueError(f"grid.horizons: the timer's perception question lists every D as an option; at most "
                              f"{len(OPTION_LETTERS)} values, got {list(self.horizons)}")
-        if self.horizon_cue == "timer" and self.max_timer > 20:
-            raise ValueError(f"grid.horizons: the timer shows up to D + clip_frames - 1 = {self.max_timer} counts; at "
-                             f"most 20 keep its blue levels 4 apart (lower horizons[1] or clip_frames)")
+        self.timer_blue = tuple(self.timer_blue)
+        blue_low, blue_high = self.timer_blue
+        if not (isinstance(blue_low, int) and isinstance(blue_high, int) and 0 <= blue_low < blue_high <= 255):
+            raise ValueError(f"grid.timer_blue: expected [low, high] blue levels with 0 <= low < high <= 255, got "
+                             f"{list(self.timer_blue)}")
+        if (self.horizon_cue == "timer" or self.thought_cues) and (blue_high - blue_low) / self.max_timer < 4:
+            raise ValueError(f"grid.timer_blue: the timer shows up to D + clip_frames - 1 = {self.max_timer} counts; "
+                             f"{list(self.timer_blue)} puts its blue levels under 4 apart (widen timer_blue or lower "
+                             f"horizons[1] / clip_frames)")
 
     @property
     def max_timer(self) -> int:
@@ -283,7 +295,6 @@ def cell_code(col: int, row: int, cells: int) -> tuple[int, int]:
 
 
 HEADING_BLUE = (255, 235, 215, 195)  # the ball's blue level per DIRECTIONS entry (heading_cue)
-TIMER_BLUE_BASE, TIMER_BLUE_MAX = 40, 120  # the floor's blue level at timer 0 and at the largest count
 
 
 def ball_colour(col: int, row: int, cells: int, heading: int | None = None) -> tuple[int, int, int]:
@@ -292,9 +303,10 @@ def ball_colour(col: int, row: int, cells: int, heading: int | None = None) -> t
     return round(80 + 175 * red), round(80 + 175 * green), 255 if heading is None else HEADING_BLUE[heading]
 
 
-def timer_blue(count: int, max_count: int) -> int:
-    """The floor's blue level for a timer count: evenly spaced levels, >= 4 apart for counts up to 20."""
-    return TIMER_BLUE_BASE + round((TIMER_BLUE_MAX - TIMER_BLUE_BASE) * count / max(max_count, 1))
+def timer_blue(count: int, max_count: int, levels: tuple[int, int] = (TIMER_BLUE_BASE, TIMER_BLUE_MAX)) -> int:
+    """The floor's blue level for a timer count: evenly spaced from ``levels[0]`` (0) to ``levels[1]`` (max)."""
+    low, high = levels
+    return low + round((high - low) * count / max(max_count, 1))
 
 
 def floor_colour(col: int, row: int, cells: int, blue: int = TIMER_BLUE_BASE) -> tuple[int, int, int]:
@@ -330,10 +342,10 @@ class FrameStates:
 
     def render(self, cfg: "GridTaskConfig", *, thought: bool = False) -> np.ndarray:
         """The frames, with the cues ``cfg`` shows in this video (``thought_cues``: in the thought video too)."""
-        heading = cfg.heading_cue or thought and cfg.thought_cues
+        heading = (cfg.heading_cue or thought and cfg.thought_cues) and cfg.dynamics != "flow"  # flow: cell = state
         timer = cfg.horizon_cue == "timer" or thought and cfg.thought_cues
         return render(self.cells_T2, cfg.cells, headings_T=self.headings_T if heading else None,
-                      floor_blue_T=(np.array([timer_blue(int(c), cfg.max_timer) for c in self.timers_T])
+                      floor_blue_T=(np.array([timer_blue(int(c), cfg.max_timer, cfg.timer_blue) for c in self.timers_T])
                                     if timer else None))
 
 
