@@ -8,6 +8,7 @@ collator and dataset, no DeepSpeed, val split only. Decisions made here are then
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import time
 import types
@@ -195,6 +196,8 @@ def main() -> None:
     p.add_argument("--raw-targets", action="store_true", help="targets: the raw merged tokens (no standardising)")
     p.add_argument("--whiten", type=int, default=0, help="targets: top-r principal components, whitened")
     p.add_argument("--target-sphere", action="store_true", help="standardised targets scaled to unit RMS each")
+    p.add_argument("--thought-pixels", type=int, default=0,
+                   help="pixels per thought frame when encoding targets (1568 for grid.timer_panel's 56x28 frames)")
     p.add_argument("--timer-code", type=float, default=0.0,
                    help="diagnostic: add SCALE x a fixed random unit-RMS code of each slot's frames-left count to its "
                         "target (a Markov state the frozen tower does not show; session 12)")
@@ -203,6 +206,7 @@ def main() -> None:
     globals()["WHITEN"] = args.whiten
     globals()["RAW"] = args.raw_targets
     globals()["TIMER_CODE"] = args.timer_code
+    globals()["THOUGHT_PIXELS"] = args.thought_pixels
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     if args.minimal_prompt:
@@ -348,6 +352,8 @@ def build_targets(model, dataset, k, val_dataset=None):
         out = {}
         for start in range(0, len(samples), 64):
             chunk = samples[start:start + 64]
+            if THOUGHT_PIXELS:
+                cfg = dataclasses.replace(cfg, min_pixels=THOUGHT_PIXELS, max_pixels=THOUGHT_PIXELS)
             videos = [load_video_inputs(s.thought_path, spec, cfg) for s in chunk]
             visual = model.encode_video(torch.cat([v.pixel_values_videos for v in videos]),
                                         torch.stack([v.video_grid_thw for v in videos]))
@@ -398,6 +404,7 @@ SPHERE = False
 WHITEN = 0
 RAW = False
 TIMER_CODE = 0.0
+THOUGHT_PIXELS = 0
 
 
 if __name__ == "__main__":

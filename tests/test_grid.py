@@ -264,3 +264,21 @@ def test_timer_and_heading_cues_show_the_whole_state_in_every_frame(tmp_path) ->
     assert timer.options[OPTION_LETTERS.index(timer.answer)] == str(horizon)
     direction = by_variant["direction"]  # the heading the last frame shows: the next move's, after any bounce
     assert direction.options[OPTION_LETTERS.index(direction.answer)] == grid.DIRECTIONS[headings[3]]
+
+
+def test_timer_panel_shows_the_frames_left_as_a_second_ball_beside_the_scene(tmp_path) -> None:
+    task = GridTaskConfig(dynamics="flow", thought_cues=True, timer_panel=True)
+    paths = generate(SynthConfig(num_train=8, num_val=0, num_test=0, workers=1, grid=task), tmp_path)
+    sample = next(s for s in read_manifest(paths["train"]) if s.qtype == "future_cell")
+    clip = decode_frames(sample.video_path, [0])
+    assert clip.shape[1:3] == (28, 28)  # the clip keeps the plain scene Stage 0 learns
+    frames = decode_frames(sample.thought_path, list(range(16))).astype(float)
+    assert frames.shape[1:3] == (28, 56)
+    for frame, (col, row), timer in zip(frames, sample.meta["thought_cells"], sample.meta["thought_timers"]):
+        for panel, (c, r) in ((frame[:, :28], (col, row)), (frame[:, 28:], (timer % 4, timer // 4))):
+            means = panel.reshape(4, 7, 4, 7, 3).mean(axis=(1, 3)).sum(-1)  # the ball is the brightest cell
+            assert int(means.argmax()) == r * 4 + c
+    with pytest.raises(ValueError, match="grid.timer_panel"):
+        GridTaskConfig(timer_panel=True)  # needs thought_cues
+    with pytest.raises(ValueError, match="grid.timer_panel.*horizons"):
+        GridTaskConfig(cells=4, thought_cues=True, timer_panel=True, horizons=(1, 20), thought_frames=20)
