@@ -267,7 +267,7 @@ def test_timer_and_heading_cues_show_the_whole_state_in_every_frame(tmp_path) ->
 
 
 def test_timer_panel_shows_the_frames_left_as_a_second_ball_beside_the_scene(tmp_path) -> None:
-    task = GridTaskConfig(dynamics="flow", thought_cues=True, timer_panel=True)
+    task = GridTaskConfig(dynamics="flow", thought_cues=True, timer_panel="ball")
     paths = generate(SynthConfig(num_train=8, num_val=0, num_test=0, workers=1, grid=task), tmp_path)
     sample = next(s for s in read_manifest(paths["train"]) if s.qtype == "future_cell")
     clip = decode_frames(sample.video_path, [0])
@@ -279,6 +279,19 @@ def test_timer_panel_shows_the_frames_left_as_a_second_ball_beside_the_scene(tmp
             means = panel.reshape(4, 7, 4, 7, 3).mean(axis=(1, 3)).sum(-1)  # the ball is the brightest cell
             assert int(means.argmax()) == r * 4 + c
     with pytest.raises(ValueError, match="grid.timer_panel"):
-        GridTaskConfig(timer_panel=True)  # needs thought_cues
+        GridTaskConfig(timer_panel="ball")  # needs thought_cues
     with pytest.raises(ValueError, match="grid.timer_panel.*horizons"):
-        GridTaskConfig(cells=4, thought_cues=True, timer_panel=True, horizons=(1, 20), thought_frames=20)
+        GridTaskConfig(cells=4, thought_cues=True, timer_panel="ball", horizons=(1, 20), thought_frames=20)
+
+
+def test_blue_timer_panel_shows_the_count_as_the_panels_blue_level(tmp_path) -> None:
+    task = GridTaskConfig(dynamics="flow", thought_cues=True, timer_panel="blue", timer_blue=(0, 255))
+    paths = generate(SynthConfig(num_train=4, num_val=0, num_test=0, workers=1, grid=task), tmp_path)
+    sample = next(s for s in read_manifest(paths["train"]) if s.qtype == "future_cell")
+    frames = decode_frames(sample.thought_path, list(range(16))).astype(float)
+    for frame, timer in zip(frames, sample.meta["thought_timers"]):
+        panel = frame[:, 28:]
+        assert abs(np.median(panel[..., 2]) - grid.timer_blue(timer, task.max_timer, task.timer_blue)) < 6  # VP9
+        assert np.median(panel[..., :2]) < 8  # no red/green: the scene's cell code stays out of the panel
+    with pytest.raises(ValueError, match="grid.timer_panel"):
+        GridTaskConfig(thought_cues=True, timer_panel="stripe")

@@ -84,11 +84,12 @@ class GridTaskConfig:
     """The floor's blue level at timer 0 and at the largest count (``max_timer``), when the timer is shown. The
     default's levels are ~4 apart, under 2 % of what the Stage-0 tower encodes (docs/results.md, session 12); a
     wider range (e.g. [0, 255]) is a stronger cue."""
-    timer_panel: bool = False
-    """With ``thought_cues``: the thought video shows the timer as a second ball on a second grid beside the scene
-    (its cell = the frames left, row by row) instead of the floor's blue. Each temporal patch is then two merged
-    tokens -- scene, timer -- and the mean-pooled target is their sum, so the state's two factors stay separable
-    (docs/results.md, session 12: a blue floor is encoded entangled with the cell). Its 56x28 frames need 1568
+    timer_panel: Literal["none", "ball", "blue"] = "none"
+    """With ``thought_cues``: the thought video shows the timer in a second 28-px panel beside the scene instead of
+    on the floor -- ``ball``: a second ball on a second grid (its cell = the frames left, row by row); ``blue``: the
+    panel's uniform blue level (``timer_blue``). Each temporal patch is then two merged tokens -- scene, timer --
+    and the mean-pooled target is their sum, so the state's two factors stay separable (docs/results.md, session
+    12: a blue floor is encoded entangled with the cell). Its 56x28 frames need 1568
     pixels when encoded (``grid_recipe.py --thought-pixels 1568``; the trainer's targets use ``data.max_pixels``)."""
     holdout: float = 0.0
     """Fraction of the horizons D, per last visible cell, that train never asks about: val and test future_cell
@@ -128,10 +129,12 @@ class GridTaskConfig:
         if self.dynamics == "flow" and self.heading_cue:
             raise ValueError("grid.heading_cue: the flow dynamics has no heading to show (the cell is the whole "
                              "state); set it false or use dynamics: bounce")
-        if not isinstance(self.timer_panel, bool) or self.timer_panel and not self.thought_cues:
-            raise ValueError(f"grid.timer_panel: expected true (with thought_cues: true) or false, got "
-                             f"{self.timer_panel!r} with thought_cues={self.thought_cues}")
-        if self.timer_panel and self.horizons[1] > self.cells ** 2:
+        if self.timer_panel not in ("none", "ball", "blue"):
+            raise ValueError(f"grid.timer_panel: expected 'none', 'ball' or 'blue', got {self.timer_panel!r}")
+        if self.timer_panel != "none" and not self.thought_cues:
+            raise ValueError(f"grid.timer_panel: {self.timer_panel!r} needs thought_cues: true (the panel is the "
+                             f"thought video's timer)")
+        if self.timer_panel == "ball" and self.horizons[1] > self.cells ** 2:
             raise ValueError(f"grid.timer_panel: the panel shows counts 0..horizons[1]-1 on {self.cells}x{self.cells} "
                              f"cells; horizons[1]={self.horizons[1]} is more than {self.cells ** 2}")
         if self.thought not in ("until_asked", "continuation"):
@@ -356,10 +359,15 @@ class FrameStates:
         """The frames, with the cues ``cfg`` shows in this video (``thought_cues``: in the thought video too)."""
         heading = (cfg.heading_cue or thought and cfg.thought_cues) and cfg.dynamics != "flow"  # flow: cell = state
         timer = cfg.horizon_cue == "timer" or thought and cfg.thought_cues
-        if thought and cfg.timer_panel:
+        if thought and cfg.timer_panel != "none":
             scene = render(self.cells_T2, cfg.cells, headings_T=self.headings_T if heading else None)
-            counts = np.stack([self.timers_T % cfg.cells, self.timers_T // cfg.cells], axis=1)
-            return np.concatenate([scene, render(counts, cfg.cells)], axis=2)
+            if cfg.timer_panel == "ball":
+                panel = render(np.stack([self.timers_T % cfg.cells, self.timers_T // cfg.cells], axis=1), cfg.cells)
+            else:
+                panel = np.zeros_like(scene)
+                panel[..., 2] = np.array([timer_blue(int(c), cfg.max_timer, cfg.timer_blue)
+                                          for c in self.timers_T])[:, None, None]
+            return np.concatenate([scene, panel], axis=2)
         return render(self.cells_T2, cfg.cells, headings_T=self.headings_T if heading else None,
                       floor_blue_T=(np.array([timer_blue(int(c), cfg.max_timer, cfg.timer_blue) for c in self.timers_T])
                                     if timer else None))
