@@ -81,9 +81,9 @@ class GridTaskConfig:
     -- while the clip keeps the plain rendering Stage 0 learns (the cues in the clip cost perception, session 6).
     With ``flow`` only the timer is shown (the cell is the rest of the state)."""
     timer_blue: tuple[int, int] = (TIMER_BLUE_BASE, TIMER_BLUE_MAX)
-    """The floor's blue level at timer 0 and at the largest count (``max_timer``), when the timer is shown. The
-    default's levels are ~4 apart, under 2 % of what the Stage-0 tower encodes (docs/results.md, session 12); a
-    wider range (e.g. [0, 255]) is a stronger cue."""
+    """The floor's (or ``timer_panel: blue``'s) blue level at timer 0 and at the largest count (``max_timer``),
+    when the timer is shown. At the default's ~4 levels apart the Stage-0 tower's targets hold the count linearly
+    (ridge R^2 0.92) but as ~10 % of their variance (docs/results.md, session 12); [0, 255] is a louder cue."""
     timer_panel: Literal["none", "ball", "blue"] = "none"
     """With ``thought_cues``: the thought video shows the timer in a second 28-px panel beside the scene instead of
     on the floor -- ``ball``: a second ball on a second grid (its cell = the frames left, row by row); ``blue``: the
