@@ -350,10 +350,10 @@ def build_targets(model, dataset, k, val_dataset=None):
 
     def encode(samples, cfg):
         out = {}
+        if THOUGHT_PIXELS:
+            cfg = dataclasses.replace(cfg, min_pixels=THOUGHT_PIXELS, max_pixels=THOUGHT_PIXELS)
         for start in range(0, len(samples), 64):
             chunk = samples[start:start + 64]
-            if THOUGHT_PIXELS:
-                cfg = dataclasses.replace(cfg, min_pixels=THOUGHT_PIXELS, max_pixels=THOUGHT_PIXELS)
             videos = [load_video_inputs(s.thought_path, spec, cfg) for s in chunk]
             visual = model.encode_video(torch.cat([v.pixel_values_videos for v in videos]),
                                         torch.stack([v.video_grid_thw for v in videos]))

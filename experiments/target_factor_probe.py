@@ -18,6 +18,7 @@ import grid_recipe  # noqa: E402
 from storms_dist.data.dataset import VideoQADataset  # noqa: E402
 from storms_dist.data.manifest import read_manifest  # noqa: E402
 from storms_dist.data.preprocess import VisionSpec  # noqa: E402
+from storms_dist.data.synth.grid import cell_index  # noqa: E402
 from storms_dist.model.build import ModelConfig, build_model, build_tokenizer  # noqa: E402
 
 K = 8
@@ -27,7 +28,8 @@ def slot_labels(samples, factor: str, slot: int) -> torch.Tensor:
     """The count at the slot's first frame, or the cell index at its second (the later of its two frames)."""
     if factor == "timer":
         return torch.tensor([s.meta["thought_timers"][2 * slot] for s in samples])
-    return torch.tensor([col + 4 * row for col, row in (s.meta["thought_cells"][2 * slot + 1] for s in samples)])
+    return torch.tensor([cell_index(col, row, round(len(s.options) ** 0.5))  # the options are the grid's cells
+                         for s, (col, row) in ((s, s.meta["thought_cells"][2 * slot + 1]) for s in samples)])
 
 
 def variance_share(x_ND: torch.Tensor, y_N: torch.Tensor) -> float:

@@ -158,7 +158,8 @@ class GridTaskConfig:
         if not (isinstance(blue_low, int) and isinstance(blue_high, int) and 0 <= blue_low < blue_high <= 255):
             raise ValueError(f"grid.timer_blue: expected [low, high] blue levels with 0 <= low < high <= 255, got "
                              f"{list(self.timer_blue)}")
-        if (self.horizon_cue == "timer" or self.thought_cues) and (blue_high - blue_low) / self.max_timer < 4:
+        shows_blue_timer = self.horizon_cue == "timer" or self.thought_cues and self.timer_panel != "ball"
+        if shows_blue_timer and (blue_high - blue_low) / self.max_timer < 4:
             raise ValueError(f"grid.timer_blue: the timer shows up to D + clip_frames - 1 = {self.max_timer} counts; "
                              f"{list(self.timer_blue)} puts its blue levels under 4 apart (widen timer_blue or lower "
                              f"horizons[1] / clip_frames)")
@@ -359,18 +360,17 @@ class FrameStates:
         """The frames, with the cues ``cfg`` shows in this video (``thought_cues``: in the thought video too)."""
         heading = (cfg.heading_cue or thought and cfg.thought_cues) and cfg.dynamics != "flow"  # flow: cell = state
         timer = cfg.horizon_cue == "timer" or thought and cfg.thought_cues
-        if thought and cfg.timer_panel != "none":
-            scene = render(self.cells_T2, cfg.cells, headings_T=self.headings_T if heading else None)
-            if cfg.timer_panel == "ball":
-                panel = render(np.stack([self.timers_T % cfg.cells, self.timers_T // cfg.cells], axis=1), cfg.cells)
-            else:
-                panel = np.zeros_like(scene)
-                panel[..., 2] = np.array([timer_blue(int(c), cfg.max_timer, cfg.timer_blue)
-                                          for c in self.timers_T])[:, None, None]
-            return np.concatenate([scene, panel], axis=2)
-        return render(self.cells_T2, cfg.cells, headings_T=self.headings_T if heading else None,
-                      floor_blue_T=(np.array([timer_blue(int(c), cfg.max_timer, cfg.timer_blue) for c in self.timers_T])
-                                    if timer else None))
+        headings_T = self.headings_T if heading else None
+        blue_T = np.array([timer_blue(int(c), cfg.max_timer, cfg.timer_blue) for c in self.timers_T])
+        if not (thought and cfg.timer_panel != "none"):
+            return render(self.cells_T2, cfg.cells, headings_T=headings_T, floor_blue_T=blue_T if timer else None)
+        scene = render(self.cells_T2, cfg.cells, headings_T=headings_T)
+        if cfg.timer_panel == "ball":
+            panel = render(np.stack([self.timers_T % cfg.cells, self.timers_T // cfg.cells], axis=1), cfg.cells)
+        else:
+            panel = np.zeros_like(scene)
+            panel[..., 2] = blue_T[:, None, None]
+        return np.concatenate([scene, panel], axis=2)
 
 
 # ---- one item ----
