@@ -61,10 +61,17 @@ def synth_done(cfg) -> bool:
 
 
 # ---- the torch.distributed environment inside a job ----
+MASTER_PORT_RANGE = (20000, 32768)  # below Linux's default ephemeral range (32768-60999)
+
+
 def master_port(job_id: str, restart_count: str | int = 0) -> int:
-    """The same port on every task of a job (seeded by job id and restart), in submitit's range [20000, 60000).
-    A requeued job gets another port, so a socket of the previous run in TIME_WAIT cannot get in the way."""
-    return 20000 + zlib.crc32(f"{job_id}:{restart_count}".encode()) % 40000
+    """The same port on every task of a job (seeded by job id and restart).
+
+    A requeued job gets another port, so a socket of the previous run in TIME_WAIT cannot get in the way. The range
+    stays below the kernel's ephemeral ports: those go to every outgoing connection and every ``bind(0)`` (a
+    torchrun's store, a test's free port), one of which held 37710 when a local job wanted it (EADDRINUSE)."""
+    low, high = MASTER_PORT_RANGE
+    return low + zlib.crc32(f"{job_id}:{restart_count}".encode()) % (high - low)
 
 
 NCCL_DEFAULTS = {

@@ -199,6 +199,30 @@ def submit_slurm(plan: list[StagePlan], opts: LaunchOptions, state: dict, run_di
         write_state(run_dir, state)
 
 
+def wait_failing_fast(job, poll_s: float = 1.0) -> list:
+    """Every task's result, like ``job.results()``, but the first task that fails cancels the job and raises its
+    error at once: ``results()`` waits for every task, and a rank whose peer died before the rendezvous waits in
+    ``init_process_group`` until the distributed timeout (30 min) instead."""
+    if job.num_tasks == 1:  # nobody to wait for (and a DebugJob runs only inside results())
+        return job.results()
+    from submitit.core.utils import FailedJobError, pickle_load
+
+    tasks = [job.task(i) for i in range(job.num_tasks)]
+    while not job.done():
+        # a LocalJob's per-task done() follows the job's one controller process, so read each task's result file
+        for task in tasks:
+            try:
+                outcome, trace = pickle_load(task.paths.result_pickle)
+            except (FileNotFoundError, EOFError):  # still running, or its result is being written
+                continue
+            if outcome == "error":
+                job.cancel(check=False)
+                raise FailedJobError(f"task {task.task_id} of job {job.job_id} failed (the job's other tasks were "
+                                     f"cancelled); log: {task.paths.stderr}\n{trace}")
+        time.sleep(poll_s)
+    return job.results()
+
+
 def run_sequential(plan: list[StagePlan], opts: LaunchOptions, state: dict, run_dir: Path, run_name: str) -> bool:
     """local / debug: run the stages one after the other (same callables); True when all succeeded."""
     entries = {e["name"]: e for e in state["stages"]}
@@ -222,7 +246,7 @@ def run_sequential(plan: list[StagePlan], opts: LaunchOptions, state: dict, run_
               f"{stage_folder(run_dir, stage)}", flush=True)
         try:
             for job in jobs:
-                job.results()  # every task's result (raises if any task failed)
+                wait_failing_fast(job)
             entry["local_state"] = "COMPLETED"
         except KeyboardInterrupt:
             for job in jobs:

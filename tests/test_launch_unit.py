@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,8 +92,52 @@ def test_sweep_grid():
 
 def test_master_port_is_shared_by_a_job_and_changes_on_restart():
     assert master_port("123", 0) == master_port("123", "0")
-    assert 20000 <= master_port("123", 0) < 60000
     assert master_port("123", 0) != master_port("123", 1)
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {master_port(str(job), restart) for job in range(2000) for restart in range(3)}
+    assert min(ports) >= 20000 and max(ports) < ephemeral_low  # never a port the kernel hands out by itself
+
+
+def _task_that_fails_or_waits(pid_dir: str) -> None:
+    """Task 0 fails at once; task 1 would wait forever (a rank in init_process_group whose peer died)."""
+    import time as time_mod
+
+    import submitit
+
+    task = submitit.JobEnvironment().global_rank
+    Path(pid_dir, f"task{task}.pid").write_text(str(os.getpid()))
+    if task == 0:
+        for _ in range(600):  # fail once the peer is waiting, so the test knows which process to watch
+            if Path(pid_dir, "task1.pid").is_file():
+                break
+            time_mod.sleep(0.1)
+        raise OSError("EADDRINUSE: the store port is taken")
+    time_mod.sleep(3600)
+
+
+def test_a_failed_task_cancels_its_waiting_peers(tmp_path, monkeypatch):
+    import submitit
+
+    from storms_dist.launchers.submit import wait_failing_fast
+
+    # the tasks unpickle _task_that_fails_or_waits from this module
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                  os.environ.get("PYTHONPATH")])))
+
+    executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(timeout_min=60, tasks_per_node=2)
+    job = executor.submit(_task_that_fails_or_waits, str(tmp_path))
+    with pytest.raises(Exception, match="EADDRINUSE"):
+        wait_failing_fast(job, poll_s=0.2)
+    peer = int((tmp_path / "task1.pid").read_text())
+    for _ in range(100):  # the cancel's SIGINT/SIGKILL reaches the waiting task within a few seconds
+        try:
+            os.kill(peer, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"task 1 (pid {peer}) still runs after its peer failed")
 
 
 # ---- checks before submission ----
