@@ -201,7 +201,10 @@ def main() -> None:
     p.add_argument("--timer-code", type=float, default=0.0,
                    help="diagnostic: add SCALE x a fixed random unit-RMS code of each slot's frames-left count to its "
                         "target (a Markov state the frozen tower does not show; session 12)")
+    p.add_argument("--token-standardize", action="store_true",
+                   help="targets: z-score each token position (per feature, train statistics) before pooling")
     args = p.parse_args()
+    globals()["TOKEN_STANDARDIZE"] = args.token_standardize
     globals()["SPHERE"] = args.target_sphere
     globals()["WHITEN"] = args.whiten
     globals()["RAW"] = args.raw_targets
@@ -359,16 +362,22 @@ def build_targets(model, dataset, k, val_dataset=None):
                                         torch.stack([v.video_grid_thw for v in videos]))
             num_tokens = [int(v.video_grid_thw.prod()) // spec.merge_size**2 for v in videos]
             for s, tok in zip(chunk, visual.embeds_ND.split(num_tokens)):
-                out[s.uid] = pool_targets(tok.float(), k)
+                out[s.uid] = tok.float()
         return out
 
-    out = encode(dataset.samples, dataset.cfg)
+    tokens = encode(dataset.samples, dataset.cfg)
+    val_tokens = encode(val_dataset.samples, val_dataset.cfg) if val_dataset is not None else {}
+    if TOKEN_STANDARDIZE:  # every token position's own z-score before pooling: a quiet panel token gets the scene's scale
+        token_mean, token_std = standardization(torch.stack(list(tokens.values())))
+        tokens = {u: (t - token_mean) / token_std for u, t in tokens.items()}
+        val_tokens = {u: (t - token_mean) / token_std for u, t in val_tokens.items()}
+    out = {u: pool_targets(t, k) for u, t in tokens.items()}
+    val_out = {u: pool_targets(t, k) for u, t in val_tokens.items()}
     stacked = torch.stack(list(out.values()))
     mean, std = standardization(stacked)
     ms = stacked.pow(2).mean().item()
     var = stacked.var(0).mean().item()
     print(f"targets: mean square {ms:.4f}, across-sample variance {var:.4f} ({var / ms:.3f} of it)", flush=True)
-    val_out = encode(val_dataset.samples, val_dataset.cfg) if val_dataset is not None else {}
     if WHITEN:  # top-r principal components of the raw targets, each scaled to unit variance, in their subspace
         flat = stacked.reshape(-1, stacked.shape[-1])
         centre = flat.mean(0)
@@ -405,6 +414,7 @@ WHITEN = 0
 RAW = False
 TIMER_CODE = 0.0
 THOUGHT_PIXELS = 0
+TOKEN_STANDARDIZE = False
 
 
 if __name__ == "__main__":
