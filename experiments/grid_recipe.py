@@ -201,10 +201,14 @@ def main() -> None:
     p.add_argument("--timer-code", type=float, default=0.0,
                    help="diagnostic: add SCALE x a fixed random unit-RMS code of each slot's frames-left count to its "
                         "target (a Markov state the frozen tower does not show; session 12)")
+    p.add_argument("--regions", type=int, default=0,
+                   help="targets: pool each of R side-by-side token positions (scene | panel) on its own, each "
+                        "compressed to hidden/R dims by a train-set PCA, scaled to unit RMS, and concatenated")
     p.add_argument("--token-standardize", action="store_true",
                    help="targets: z-score each token position (per feature, train statistics) before pooling")
     args = p.parse_args()
     globals()["TOKEN_STANDARDIZE"] = args.token_standardize
+    globals()["REGIONS"] = args.regions
     globals()["SPHERE"] = args.target_sphere
     globals()["WHITEN"] = args.whiten
     globals()["RAW"] = args.raw_targets
@@ -371,6 +375,8 @@ def build_targets(model, dataset, k, val_dataset=None):
         token_mean, token_std = standardization(torch.stack(list(tokens.values())))
         tokens = {u: (t - token_mean) / token_std for u, t in tokens.items()}
         val_tokens = {u: (t - token_mean) / token_std for u, t in val_tokens.items()}
+    if REGIONS:
+        return region_targets(tokens, val_tokens, k, REGIONS)
     out = {u: pool_targets(t, k) for u, t in tokens.items()}
     val_out = {u: pool_targets(t, k) for u, t in val_tokens.items()}
     stacked = torch.stack(list(out.values()))
@@ -409,6 +415,35 @@ def build_targets(model, dataset, k, val_dataset=None):
     return ({u: norm(t) for u, t in out.items()}, {u: norm(t) for u, t in val_out.items()})
 
 
+def region_targets(tokens, val_tokens, k, regions):
+    """Each token position of a temporal patch (the scene and the panel beside it) pooled on its own, so their
+    codes land in disjoint dimensions instead of adding: per region a train-set PCA to hidden/R dims (no whitening,
+    which amplified noise directions in session 12), scaled to unit RMS, then the regions side by side."""
+    from storms_dist.model.latent import pool_targets
+
+    def pooled(t):  # (K, R, D): the tokens are (temporal patch, region) in row-major order
+        return torch.stack([pool_targets(t[r::regions], k) for r in range(regions)], dim=1)
+
+    out, val_out = {u: pooled(t) for u, t in tokens.items()}, {u: pooled(t) for u, t in val_tokens.items()}
+    stacked = torch.stack(list(out.values()))
+    width = stacked.shape[-1] // regions
+    fits = []
+    for r in range(regions):
+        flat = stacked[:, :, r].reshape(-1, stacked.shape[-1])
+        centre = flat.mean(0)
+        _, sing, vh = torch.linalg.svd(flat - centre, full_matrices=False)
+        kept = (sing[:width].pow(2).sum() / sing.pow(2).sum()).item()
+        rms = (sing[:width].pow(2).sum() / (len(flat) * width)).sqrt()
+        fits.append((centre, vh[:width], rms))
+        print(f"targets: region {r} keeps {kept:.4f} of its variance in {width} principal dims", flush=True)
+
+    def norm(t):
+        return torch.cat([((t[:, r] - centre) @ basis.T) / rms for r, (centre, basis, rms) in enumerate(fits)], -1)
+
+    return {u: norm(t) for u, t in out.items()}, {u: norm(t) for u, t in val_out.items()}
+
+
+REGIONS = 0
 SPHERE = False
 WHITEN = 0
 RAW = False

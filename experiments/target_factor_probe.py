@@ -2,7 +2,7 @@
 frames-left count and the cell, and how well each is read back on val (train-standardised targets of the
 future_cell items; a ridge probe of the count and a nearest-centroid probe of the cell, fitted on train).
 
-    python experiments/target_factor_probe.py ROOT STAGE0.pt [THOUGHT_PIXELS] [--token-standardize]
+    python experiments/target_factor_probe.py ROOT STAGE0.pt [THOUGHT_PIXELS] [--token-standardize] [--regions]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main() -> None:
     root, init = sys.argv[1], sys.argv[2]
     grid_recipe.THOUGHT_PIXELS = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     grid_recipe.TOKEN_STANDARDIZE = "--token-standardize" in sys.argv
+    grid_recipe.REGIONS = 2 if "--regions" in sys.argv else 0
     tokenizer = build_tokenizer(None)
     model = build_model(ModelConfig(backbone="qwen2_5_vl-tiny", num_latents=K), tokenizer, seed=0)
     model.backbone.load_state_dict(torch.load(init))
