@@ -192,6 +192,9 @@ def main() -> None:
                    help="Stage I rollout: align slots 1..j only, j growing to K over this fraction of Stage I")
     p.add_argument("--joint", type=float, default=0.0,
                    help="Stage I: teacher-forced loss + this weight x a detached rollout's alignment loss")
+    p.add_argument("--s2-lr-scale", type=float, default=1.0, help="Stage II (after Stage I): lr x this")
+    p.add_argument("--s2-lam", type=float, default=0.0,
+                   help="Stage II (after Stage I): keep this lambda x the rolled-out latents' alignment")
     p.add_argument("--s2-align", action="store_true", help="keep lambda * alignment in the curriculum's Stage II")
     p.add_argument("--raw-targets", action="store_true", help="targets: the raw merged tokens (no standardising)")
     p.add_argument("--whiten", type=int, default=0, help="targets: top-r principal components, whitened")
@@ -284,6 +287,8 @@ def main() -> None:
         batch, layout = collate(items)
         uids = batch.pop("uids")
         lr = args.lr * min(1.0, step / 20) * (1 - step / (args.steps + 1))
+        if stage1_steps and step > stage1_steps:
+            lr *= args.s2_lr_scale
         for g in optimizer.param_groups:
             g["lr"] = lr
         aligned = targets is not None and step <= stage1_steps
@@ -322,6 +327,10 @@ def main() -> None:
             own = min(k, 1 + int(progress / args.s2_curriculum * k))
             out = stage1_rollout(model, batch, layout, torch.stack([targets[u] for u in uids]), detach=False,
                                  feed_target_prob=0.0, input_scale=1.0, feed_from=own, align=args.s2_align)
+            loss = out.loss
+        elif args.s2_lam and k and targets is not None:  # Stage II that keeps some alignment of its own rollout
+            model.align_weight = args.s2_lam
+            out = model(batch, layout, mode="rollout", targets_BKD=torch.stack([targets[u] for u in uids]))
             loss = out.loss
         else:
             out = model(batch, layout, mode="rollout" if k else "single")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Sequence, get_args
 
@@ -21,11 +21,11 @@ from storms_dist.config import to_dict
 from storms_dist.data.dataset import DataConfig, load_video_inputs
 from storms_dist.data.manifest import Sample
 from storms_dist.data.preprocess import VisionSpec
-from storms_dist.model.latent import pool_targets
+from storms_dist.model.latent import pool_region_targets, pool_targets
 from storms_dist.model.storms import STORMSModel
 
 STAMP_FILE = "stamp.json"
-TargetNormalize = Literal["none", "standardize"]
+TargetNormalize = Literal["none", "standardize", "region_pca"]
 """How Stage I sees the cached targets (``TargetsConfig.normalize``)."""
 
 
@@ -39,12 +39,42 @@ class TargetsConfig:
     """How Stage I sees the cached (raw, pooled) targets. ``standardize``: per (slot, feature), minus the mean and over
     the standard deviation across the cache's samples, so the alignment regresses what differs between thought
     videos. Pooled tokens of a small tower can share a large constant part that then dominates an MSE (the demo:
-    across-sample variance 0.0003 against a mean square of 0.59; docs/results.md)."""
+    across-sample variance 0.0003 against a mean square of 0.59; docs/results.md). ``region_pca`` (with ``regions``):
+    each panel's pooled tokens projected on their top hidden/R principal directions over the cache, scaled to unit
+    RMS, the panels side by side -- each panel's code in its own dimensions (:func:`region_projection`)."""
+    regions: int = 1
+    """Panels side by side in a thought frame (the scene | a timer panel: ``synth.grid.timer_panel``), one merged
+    token each per temporal patch, pooled apart (:func:`~storms_dist.model.latent.pool_region_targets`). Summed into
+    one mean, two panels seen by one tower give an ambiguous code (docs/results.md, sessions 12-16)."""
+    pixels: int | None = None
+    """Pixels per thought frame when encoding (min = max); None: ``data.min_pixels`` / ``data.max_pixels``, as the
+    clip. A two-panel 56x28 thought frame beside 28x28 clip frames needs 1568."""
 
     def __post_init__(self):
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError(f"targets: shard_size and batch_size must be >= 1, got {self.shard_size}, {self.batch_size}")
         check_normalize(self.normalize)
+        if self.regions < 1:
+            raise ValueError(f"targets.regions: expected >= 1 panels per thought frame, got {self.regions}")
+        if (self.regions > 1) != (self.normalize == "region_pca"):
+            raise ValueError(f"targets: regions {self.regions} with normalize {self.normalize!r}: panels pooled apart "
+                             "are [K, R, D] and need normalize: region_pca to become [K, D] targets, and region_pca "
+                             "needs regions >= 2")
+        if self.pixels is not None and self.pixels < 1:
+            raise ValueError(f"targets.pixels: expected a positive pixel count per thought frame or null, got "
+                             f"{self.pixels}")
+
+    def encoding_data(self, data_cfg: DataConfig) -> DataConfig:
+        """The data settings thought videos are encoded with (``pixels`` overrides the clip's budget)."""
+        if self.pixels is None:
+            return data_cfg
+        return replace(data_cfg, min_pixels=self.pixels, max_pixels=self.pixels)
+
+    def pool(self, visual_tokens_MD: torch.Tensor, num_latents: int) -> torch.Tensor:
+        """One thought video's cached targets: [K, D], or [K, R, D] with panels."""
+        if self.regions == 1:
+            return pool_targets(visual_tokens_MD, num_latents)
+        return pool_region_targets(visual_tokens_MD, num_latents, self.regions)
 
 
 def vision_fingerprint(model: STORMSModel) -> str:
@@ -57,18 +87,32 @@ def vision_fingerprint(model: STORMSModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def target_stamp(model: STORMSModel, num_latents: int, data_cfg: DataConfig, samples: Sequence[Sample]) -> dict:
+def check_panels(samples: Sequence[Sample], videos, spec: VisionSpec, regions: int) -> None:
+    """With panels pooled apart, every temporal patch of a thought video must hold exactly one token per panel."""
+    if regions == 1:
+        return
+    for sample, video in zip(samples, videos):
+        per_patch = int(video.video_grid_thw[1:].prod()) // spec.merge_size**2
+        if per_patch != regions:
+            raise ValueError(f"{sample.thought_path}: targets.regions is {regions} but its frames encode to {per_patch} "
+                             f"merged tokens each (grid {video.video_grid_thw.tolist()}); set targets.pixels so a "
+                             f"frame is {regions} merged tokens (e.g. {regions * 784} for {regions} 28-px panels)")
+
+
+def target_stamp(model: STORMSModel, num_latents: int, data_cfg: DataConfig, samples: Sequence[Sample],
+                 regions: int = 1) -> dict:
+    """``data_cfg``: the encoding settings (:meth:`TargetsConfig.encoding_data`)."""
     uids = hashlib.sha256("\n".join(s.uid for s in samples).encode()).hexdigest()[:16]
     return {"vision_fingerprint": vision_fingerprint(model), "backbone": model.spec.name, "num_latents": num_latents,
             "frames": to_dict(data_cfg.frames), "min_pixels": data_cfg.min_pixels,
             "max_pixels": data_cfg.max_pixels, "uids": uids, "num_samples": len(samples),
             # DALI's RGB differs from PyAV's within a tolerance (storms_dist/data/dali.py): a different pixel source
-            "decoder": data_cfg.decoder}
+            "decoder": data_cfg.decoder, "regions": regions}
 
 
 class TargetStore:
-    """Read-only view of a target cache: ``store[uids] -> [B, K, D]``, raw or standardised
-    (``TargetsConfig.normalize``)."""
+    """Read-only view of a target cache: ``store[uids] -> [B, K, D]``, raw or normalised (``TargetsConfig.normalize``;
+    raw panels pooled apart are [B, K, R, D])."""
 
     def __init__(self, directory: Path, normalize: TargetNormalize = "none"):
         self.directory = Path(directory)
@@ -76,9 +120,16 @@ class TargetStore:
         self._targets: dict[str, torch.Tensor] = {}
         for shard in sorted(self.directory.glob("shard-*.safetensors")):
             self._targets.update(load_file(shard))
-        if check_normalize(normalize) == "standardize":
+        cached_regions = self.stamp.get("regions", 1)
+        if check_normalize(normalize) != "none" and (cached_regions > 1) != (normalize == "region_pca"):
+            raise ValueError(f"{self.directory}: targets cached with regions {cached_regions} cannot be read with "
+                             f"normalize {normalize!r} (panels need region_pca; one panel none or standardize)")
+        if normalize == "standardize":
             mean_KD, std_KD = standardization(torch.stack(list(self._targets.values())))
             self._targets = {uid: (t - mean_KD) / std_KD for uid, t in self._targets.items()}
+        elif normalize == "region_pca":
+            projection = region_projection(torch.stack(list(self._targets.values())))
+            self._targets = {uid: apply_region_projection(t, projection) for uid, t in self._targets.items()}
 
     def __len__(self) -> int:
         return len(self._targets)
@@ -109,6 +160,41 @@ def standardization(targets_NKD: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return mean_KD, torch.where(std_KD > 1e-8, std_KD, torch.ones_like(std_KD))
 
 
+RegionProjection = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""Per panel: (centre [D], basis [D/R, D], rms [])."""
+
+
+def region_projection(targets_NKRD: torch.Tensor) -> RegionProjection:
+    """Per panel, the top D/R principal directions of its pooled tokens over samples and slots, and the RMS of the
+    projection onto them. No per-direction whitening: equal weight per direction amplified directions that carry
+    no state (docs/results.md, session 12). Non-finite samples are left out, as in :func:`standardization`."""
+    targets_NKRD = targets_NKRD.float()
+    finite_N = torch.isfinite(targets_NKRD).flatten(1).all(dim=1)
+    if finite_N.any():
+        targets_NKRD = targets_NKRD[finite_N]
+    num_regions, width = targets_NKRD.shape[2], targets_NKRD.shape[3]
+    if width % num_regions:
+        raise ValueError(f"targets: {num_regions} panels cannot share a {width}-wide hidden state evenly")
+    kept = width // num_regions
+    projection = []
+    for region in range(num_regions):
+        flat = targets_NKRD[:, :, region].reshape(-1, width)
+        centre = flat.mean(dim=0)
+        centred = (flat - centre).double()
+        variances, directions = torch.linalg.eigh(centred.T @ centred / len(flat))  # [D, D]: any sample count
+        top = variances.argsort(descending=True)[:kept]
+        rms = variances[top].clamp_min(0).mean().sqrt().float()
+        projection.append((centre, directions[:, top].T.float().contiguous(),
+                           torch.where(rms > 1e-8, rms, torch.ones_like(rms))))
+    return projection
+
+
+def apply_region_projection(targets_KRD: torch.Tensor, projection: RegionProjection) -> torch.Tensor:
+    """[K, R, D] pooled panels -> [K, D]: each panel's coordinates on its own directions, side by side."""
+    return torch.cat([(targets_KRD[:, r].float() - centre) @ basis.T / rms
+                      for r, (centre, basis, rms) in enumerate(projection)], dim=-1)
+
+
 def is_current(directory: Path, stamp: dict) -> bool:
     path = Path(directory) / STAMP_FILE
     return path.is_file() and json.loads(path.read_text()) == stamp
@@ -132,7 +218,8 @@ def build_targets(
     samples = [s for s in samples if s.thought_video is not None]
     if not samples:
         raise ValueError("no sample has a thought_video: Stage I needs thought-video targets")
-    stamp = target_stamp(model, num_latents, data_cfg, samples)
+    data_cfg = cfg.encoding_data(data_cfg)
+    stamp = target_stamp(model, num_latents, data_cfg, samples, cfg.regions)
     if is_current(out_dir, stamp):
         return TargetStore(out_dir)
 
@@ -148,12 +235,13 @@ def build_targets(
     for start in range(0, len(samples), cfg.batch_size):
         chunk = samples[start : start + cfg.batch_size]
         videos = [load_video_inputs(s.thought_path, spec, data_cfg) for s in chunk]
+        check_panels(chunk, videos, spec, cfg.regions)
         visual = model.encode_video(torch.cat([v.pixel_values_videos for v in videos]),
                                     torch.stack([v.video_grid_thw for v in videos]))
         merge = spec.merge_size**2
         num_tokens = [int(v.video_grid_thw.prod()) // merge for v in videos]
         for sample, tokens_MD in zip(chunk, visual.embeds_ND.split(num_tokens)):
-            shard[sample.uid] = pool_targets(tokens_MD.float(), num_latents).contiguous()
+            shard[sample.uid] = cfg.pool(tokens_MD.float(), num_latents).contiguous()
         if len(shard) >= cfg.shard_size:
             save_file(shard, str(tmp_dir / f"shard-{num_shards:05d}.safetensors"))
             shard, num_shards = {}, num_shards + 1
@@ -210,7 +298,8 @@ def build_target_part(
     samples = [s for s in samples if s.thought_video is not None]
     if not samples:
         raise ValueError("no sample has a thought_video: Stage I needs thought-video targets")
-    stamp = target_stamp(model, num_latents, data_cfg, samples)
+    data_cfg = cfg.encoding_data(data_cfg)
+    stamp = target_stamp(model, num_latents, data_cfg, samples, cfg.regions)
     if cache_dir is not None and is_current(cache_dir, stamp):
         return None
     name = part_name(index, count)
@@ -231,12 +320,13 @@ def build_target_part(
     for offset in range(0, len(chunk_samples), cfg.batch_size):
         chunk = chunk_samples[offset : offset + cfg.batch_size]
         videos = [load_video_inputs(s.thought_path, spec, data_cfg) for s in chunk]
+        check_panels(chunk, videos, spec, cfg.regions)
         visual = model.encode_video(torch.cat([v.pixel_values_videos for v in videos]).to(device),
                                     torch.stack([v.video_grid_thw for v in videos]).to(device))
         merge = spec.merge_size**2
         num_tokens = [int(v.video_grid_thw.prod()) // merge for v in videos]
         for sample, tokens_MD in zip(chunk, visual.embeds_ND.split(num_tokens)):
-            part[sample.uid] = pool_targets(tokens_MD.float(), num_latents).cpu().contiguous()
+            part[sample.uid] = cfg.pool(tokens_MD.float(), num_latents).cpu().contiguous()
         bar.update(len(chunk))
     bar.close()
     tmp = parts_dir / f"{name}.tmp.safetensors"

@@ -17,6 +17,7 @@ from storms_dist.model.latent import (
     answer_turn,
     collate_latent_batch,
     continuation_positions,
+    pool_region_targets,
     pool_targets,
 )
 
@@ -265,3 +266,13 @@ def test_continuation_positions_hand_example():
     assert continuation_positions(prefix, 0).shape == (3, 2, 0)
     single = continuation_positions(prefix, 1)
     assert torch.equal(single[:, :, 0], torch.tensor([[10, 6]] * 3))
+
+
+def test_pool_region_targets_pools_each_panel_apart():
+    tokens = torch.arange(12.0).repeat_interleave(2).view(12, 2)  # 6 temporal patches x 2 panels, (patch, panel) order
+    pooled = pool_region_targets(tokens, 3, 2)
+    assert pooled.shape == (3, 2, 2)
+    torch.testing.assert_close(pooled[:, 0], pool_targets(tokens[0::2], 3))  # panel 0: tokens 0, 2, 4, ...
+    torch.testing.assert_close(pooled[:, 1, 0], torch.tensor([2.0, 6.0, 10.0]))  # panel 1: (1+3)/2, (5+7)/2, ...
+    with pytest.raises(ValueError, match="into 5 panels"):
+        pool_region_targets(tokens, 3, 5)

@@ -309,3 +309,74 @@ def test_standardization_ignores_non_finite_samples():
     mean, std = standardization(targets)
     torch.testing.assert_close(mean, torch.tensor([[2.0, 4.0]]))
     torch.testing.assert_close(std, targets[:2].std(dim=0))
+
+
+# ---- thought frames of two panels (the scene | a timer panel), pooled apart ----
+@pytest.fixture(scope="module")
+def panel_samples(tmp_path_factory):
+    from storms_dist.data.synth.grid import GridTaskConfig
+
+    task = GridTaskConfig(dynamics="flow", thought_cues=True, timer_panel="ball")
+    paths = generate(SynthConfig(num_train=6, num_val=0, num_test=0, workers=1, grid=task),
+                     tmp_path_factory.mktemp("panels") / "data")
+    return read_manifest(paths["train"])
+
+
+def panel_data() -> DataConfig:  # the grid's 28x28 clip budget; targets.pixels fits its 56x28 thought frames
+    return DataConfig(frames=FrameSamplingConfig(fps=None, num_frames=16, min_frames=2, max_frames=16),
+                      min_pixels=784, max_pixels=784)
+
+
+def test_panels_are_pooled_apart_and_projected_into_disjoint_halves(tmp_path, model, spec, panel_samples):
+    cfg = TargetsConfig(regions=2, normalize="region_pca", pixels=1568, batch_size=4)
+    out = tmp_path / "targets"
+    raw_store = build_targets(model, panel_samples, spec, panel_data(), out, num_latents=8, cfg=cfg)
+    D = model.text_config.hidden_size
+    uids = [s.uid for s in panel_samples]
+    raw = raw_store[uids]
+    assert raw.shape == (len(uids), 8, 2, D)
+    # each panel's targets are the mean of that panel's tokens only: 16 frames / 2 = 8 temporal patches x 2 panels
+    sample = panel_samples[0]
+    video = load_video_inputs(sample.thought_path, spec, cfg.encoding_data(panel_data()))
+    assert video.video_grid_thw.tolist() == [8, 2, 4]
+    with torch.no_grad():
+        tokens = model.encode_video(video.pixel_values_videos, video.video_grid_thw[None]).embeds_ND.float()
+    torch.testing.assert_close(raw[0, :, 0], tokens[0::2], rtol=1e-4, atol=1e-5)  # one token per slot and panel
+    torch.testing.assert_close(raw[0, :, 1], tokens[1::2], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(raw[0, :, 0], raw[0, :, 1])
+    stamp = json.loads((out / STAMP_FILE).read_text())
+    assert stamp["regions"] == 2 and stamp["min_pixels"] == stamp["max_pixels"] == 1568
+    # region_pca: [K, D], each half one panel's coordinates at unit RMS, and the panel is recovered from its half
+    store = TargetStore(out, normalize="region_pca")
+    targets = store[uids]
+    assert targets.shape == (len(uids), 8, D)
+    from storms_dist.targets import apply_region_projection, region_projection
+
+    projection = region_projection(raw)
+    torch.testing.assert_close(targets, torch.stack([apply_region_projection(t, projection) for t in raw]))
+    for region in range(2):
+        half = targets[..., region * D // 2:(region + 1) * D // 2]
+        assert abs(half.pow(2).mean().item() - 1.0) < 1e-3
+        torch.testing.assert_close(half.mean((0, 1)), torch.zeros(D // 2), atol=1e-4, rtol=0)
+    few_raw = raw[:3]  # 3 samples x 8 slots span < D/2 = 32 directions: the projection loses nothing
+    few_projection = region_projection(few_raw)
+    halves = torch.stack([apply_region_projection(t, few_projection) for t in few_raw]).split(D // 2, dim=-1)
+    for region, (half, (centre, basis, rms)) in enumerate(zip(halves, few_projection)):
+        torch.testing.assert_close(half * rms @ basis + centre, few_raw[:, :, region], rtol=1e-3, atol=3e-4)
+    with pytest.raises(ValueError, match="regions 2 cannot be read with normalize 'standardize'"):
+        TargetStore(out, normalize="standardize")
+
+
+def test_panel_settings_are_checked(tmp_path, model, spec, panel_samples):
+    with pytest.raises(ValueError, match="targets.pixels so a frame is 2 merged tokens"):  # the clip's 784 px
+        build_targets(model, panel_samples[:2], spec, panel_data(), tmp_path / "targets", num_latents=8,
+                      cfg=TargetsConfig(regions=2, normalize="region_pca"))
+    assert not (tmp_path / "targets" / STAMP_FILE).exists()
+    with pytest.raises(ValueError, match="need normalize: region_pca"):
+        TargetsConfig(regions=2, normalize="standardize")
+    with pytest.raises(ValueError, match="region_pca needs regions >= 2"):
+        TargetsConfig(normalize="region_pca")
+    with pytest.raises(ValueError, match="targets.regions"):
+        TargetsConfig(regions=0)
+    with pytest.raises(ValueError, match="targets.pixels"):
+        TargetsConfig(pixels=0)

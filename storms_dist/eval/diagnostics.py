@@ -99,7 +99,7 @@ def target_informativeness(targets_NKD: torch.Tensor, samples: Sequence[Sample],
       on the rest;
     - ``target_rms`` beside ``hidden_rms`` (the RMS of the last-layer states the latents are, if given).
     """
-    targets = targets_NKD.float()
+    targets = targets_NKD.float().flatten(2)  # panels pooled apart, [N, K, R, D], read as R * D features
     mean_square = targets.pow(2).mean().item()
     out = {"target_rms": mean_square ** 0.5, "variance_ratio": targets.var(dim=0).mean().item() / mean_square}
     if hidden_rms is not None:

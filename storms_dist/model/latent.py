@@ -127,6 +127,16 @@ def pool_targets(visual_tokens_MD: torch.Tensor, num_latents: int) -> torch.Tens
     return torch.stack([group.mean(dim=0) for group in visual_tokens_MD.tensor_split(num_latents, dim=0)])
 
 
+def pool_region_targets(visual_tokens_MD: torch.Tensor, num_latents: int, regions: int) -> torch.Tensor:
+    """[K, R, D] targets of a thought video whose frames hold R side-by-side panels (the scene | a timer panel): the
+    tokens come in (temporal patch, panel) order, and each panel's tokens are pooled on their own by
+    :func:`pool_targets`, so two panels' codes are not summed into one ambiguous mean."""
+    if regions < 1 or visual_tokens_MD.shape[0] % regions:
+        raise ValueError(f"cannot split {visual_tokens_MD.shape[0]} visual tokens into {regions} panels per temporal "
+                         "patch (targets.regions must divide the tokens of every temporal patch)")
+    return torch.stack([pool_targets(visual_tokens_MD[r::regions], num_latents) for r in range(regions)], dim=1)
+
+
 AlignLoss = Literal["mse", "cosine"]
 
 
