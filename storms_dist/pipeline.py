@@ -79,7 +79,11 @@ def run_training(cfg: RunConfig, job: TrainJob) -> dict:
 
 def method_jobs(cfg: RunConfig, method: str, *, seed_dir: Path, stage0_export: str, targets_dir: Path,
                 parent_run_id: str | None) -> list[TrainJob]:
-    """The training jobs of one demo method, all starting from the Stage 0 export with the same step budget."""
+    """The training jobs of one demo method, all starting from the Stage 0 export with the same step budget.
+
+    A one-stage method trains the whole budget at Stage I's peak lr; ``stage2.lr`` is the lr of STORMS's Stage II
+    *continuation* only (a gentle Stage II keeps what Stage I aligned: docs/results.md, session 16), so a low
+    value there does not handicap the baselines."""
     budget = cfg.stage1.num_steps + cfg.stage2.num_steps
     tags = {"method": method}
 
@@ -97,9 +101,10 @@ def method_jobs(cfg: RunConfig, method: str, *, seed_dir: Path, stage0_export: s
     if method == "stage1_only":
         return [job("stage1", 1, with_steps(cfg.stage1, num_steps=budget), stage0_export, targets_dir)]
     if method == "stage2_only":
-        return [job("stage2", 2, with_steps(cfg.stage2, num_steps=budget), stage0_export)]
+        return [job("stage2", 2, with_steps(cfg.stage2, num_steps=budget, lr=cfg.stage1.lr), stage0_export)]
     if method == "sft_k0":
-        return [job("sft", 2, with_steps(cfg.stage2, num_steps=budget, num_latents=0, mode="single"), stage0_export)]
+        return [job("sft", 2, with_steps(cfg.stage2, num_steps=budget, lr=cfg.stage1.lr, num_latents=0,
+                                         mode="single"), stage0_export)]
     raise ValueError(f"unknown method {method!r}")
 
 
