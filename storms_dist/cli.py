@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_CONFIG = "configs/demo/synth_tiny.yaml"
+DEFAULT_CONFIG = "configs/demo/synth_panel.yaml"
 QUICK_CONFIG = "configs/demo/synth_quick.yaml"
 
 

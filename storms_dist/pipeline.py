@@ -46,8 +46,9 @@ def job_from_json(data: dict) -> TrainJob:
     )
 
 
-def run_training(cfg: RunConfig, job: TrainJob) -> dict:
-    """Train one job; returns its summary. Multi-rank jobs run under torchrun in a subprocess."""
+def run_training(cfg: RunConfig, job: TrainJob, *, threads: int | None = None) -> dict:
+    """Train one job; returns its summary. Multi-rank jobs run under torchrun in a subprocess, at ``threads`` torch
+    threads per rank (default: OMP_NUM_THREADS, else 1)."""
     if cfg.nproc == 1 and cfg.launcher == "inprocess":
         from storms_dist.train.trainer import Trainer
 
@@ -66,7 +67,7 @@ def run_training(cfg: RunConfig, job: TrainJob) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}",
                f"--master_port={free_port()}", "-m", "storms_dist", "train", str(job.out_dir / "run_config.yaml"),
                "--job", str(job.out_dir / "job.json")]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads) if threads else os.environ.get("OMP_NUM_THREADS", "1")}
     (job.out_dir / "preempted.json").unlink(missing_ok=True)
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
@@ -106,6 +107,27 @@ def method_jobs(cfg: RunConfig, method: str, *, seed_dir: Path, stage0_export: s
         return [job("sft", 2, with_steps(cfg.stage2, num_steps=budget, lr=cfg.stage1.lr, num_latents=0,
                                          mode="single"), stage0_export)]
     raise ValueError(f"unknown method {method!r}")
+
+
+def train_methods(cfg: RunConfig, chains: dict[str, list[TrainJob]], *, parallel: int) -> dict[str, dict]:
+    """Train each method's chain of jobs (in order within a chain); returns each chain's last summary.
+
+    With ``parallel`` > 1 that many chains run at once, each job a one-rank torchrun process at one thread, the
+    longest chains first (sft_k0's single pass is the shortest)."""
+    def train_chain(jobs: list[TrainJob], run_cfg: RunConfig, threads: int | None) -> dict:
+        for job in jobs:
+            summary = run_training(run_cfg, job, threads=threads)
+        return summary
+
+    if parallel == 1:
+        return {method: train_chain(jobs, cfg, None) for method, jobs in chains.items()}
+    from concurrent.futures import ThreadPoolExecutor
+
+    subprocess_cfg = from_dict(RunConfig, {**to_dict(cfg), "launcher": "torchrun"})
+    order = sorted(chains, key=lambda method: method == "sft_k0")
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {method: pool.submit(train_chain, chains[method], subprocess_cfg, 1) for method in order}
+        return {method: futures[method].result() for method in chains}
 
 
 def stage0_job(cfg: RunConfig, seed_dir: Path, parent_run_id: str | None) -> TrainJob:
@@ -196,12 +218,12 @@ def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
                                      for q, v in perception["by_type"].items())
                 perception_lines.append(f"- seed {seed}: overall {perception['overall']['accuracy']:.1f} % "
                                         f"({per_type})")
+            chains = {method: method_jobs(seed_cfg, method, seed_dir=seed_dir, stage0_export=stage0["export"],
+                                          targets_dir=seed_dir / "targets", parent_run_id=parent_id)
+                      for method in cfg.demo.methods}
+            summaries = train_methods(seed_cfg, chains, parallel=cfg.demo.parallel)
             for method in cfg.demo.methods:
-                jobs = method_jobs(seed_cfg, method, seed_dir=seed_dir, stage0_export=stage0["export"],
-                                   targets_dir=seed_dir / "targets", parent_run_id=parent_id)
-                for job in jobs:
-                    summary = run_training(seed_cfg, job)
-                metrics = run_eval(tracker, summary["export"], cfg, seed_dir / method / "eval",
+                metrics = run_eval(tracker, summaries[method]["export"], cfg, seed_dir / method / "eval",
                                    name=f"{method}/eval", parent_run_id=parent_id, tags={"method": method},
                                    progress=progress)
                 results[method].append(metrics)

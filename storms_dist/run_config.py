@@ -29,11 +29,16 @@ class DemoConfig:
     dynamics_qtypes: tuple[str, ...] = ("future_cell",)
     """Question types that need the video's dynamics (the rest are single-frame controls). The default is the grid
     task's; the balls task's are extrapolate, order, count, speed_direction (configs/demo/synth_balls.yaml)."""
+    parallel: int = 1
+    """Methods trained at a time. Above 1, each training job runs as its own one-rank torchrun process at one
+    thread: two torch processes at two threads each oversubscribe two cores, at one thread each they share them."""
 
     def __post_init__(self):
         self.seeds, self.methods = tuple(self.seeds), tuple(self.methods)
         if not self.seeds:
             raise ValueError("seeds: expected at least one seed")
+        if self.parallel < 1:
+            raise ValueError(f"parallel: expected the number of methods trained at a time (>= 1), got {self.parallel}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"methods: unknown {unknown}; valid choices: {', '.join(METHODS)}")

@@ -7,6 +7,7 @@ rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -222,7 +223,30 @@ def build_targets(
     stamp = target_stamp(model, num_latents, data_cfg, samples, cfg.regions)
     if is_current(out_dir, stamp):
         return TargetStore(out_dir)
+    with cache_lock(out_dir):  # methods trained side by side (demo.parallel) build the same cache: one encodes
+        if is_current(out_dir, stamp):
+            return TargetStore(out_dir)
+        _encode_targets(model, samples, spec, data_cfg, out_dir, num_latents=num_latents, cfg=cfg, stamp=stamp,
+                        progress=progress)
+    return TargetStore(out_dir)
 
+
+@contextlib.contextmanager
+def cache_lock(out_dir: Path):
+    """An exclusive lock on ``out_dir`` (a sibling ``.lock`` file), held while the cache is written."""
+    import fcntl
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.with_name(out_dir.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _encode_targets(model, samples, spec, data_cfg, out_dir: Path, *, num_latents: int, cfg: TargetsConfig,
+                    stamp: dict, progress: bool) -> None:
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
@@ -252,7 +276,6 @@ def build_targets(
     (tmp_dir / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_dir.rename(out_dir)  # atomic: a half-written cache never carries a valid stamp
-    return TargetStore(out_dir)
 
 
 # ---- range-sharded building (Slurm job arrays): one part per array task, then one merge ----

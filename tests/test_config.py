@@ -254,7 +254,7 @@ def test_dump_load_round_trip(tmp_path, suffix):
 
 def test_shipped_configs_exist():
     names = {p.relative_to(REPO / "configs").as_posix() for p in SHIPPED}
-    assert {"demo/synth_tiny.yaml", "demo/synth_quick.yaml"} <= names
+    assert {"demo/synth_panel.yaml", "demo/synth_tiny.yaml", "demo/synth_quick.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.relative_to(REPO).as_posix() for p in SHIPPED])

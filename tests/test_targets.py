@@ -149,6 +149,21 @@ def test_second_call_reuses_cache(model, spec, few, cache, monkeypatch):
         assert torch.equal(again[uids], first[uids])
 
 
+def test_builders_side_by_side_encode_once(tmp_path, model, spec, few, cache, monkeypatch):
+    """Two methods trained at once (demo.parallel) build the same cache: one encodes, the other waits and reuses."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = count_encodes(model, monkeypatch)
+    out = tmp_path / "side_by_side"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        stores = list(pool.map(lambda _: build_targets(model, few, spec, data_cfg(), out, num_latents=K), range(2)))
+    batches_per_build = -(-len(few) // TargetsConfig().batch_size)
+    assert len(calls) == batches_per_build, "the second builder must wait for the first and reuse its cache"
+    uids = [s.uid for s in few]
+    assert torch.equal(stores[0][uids], stores[1][uids]) and torch.equal(stores[0][uids], TargetStore(cache)[uids])
+    assert not (tmp_path / "side_by_side.tmp").exists()
+
+
 def rebuilt(model, spec, samples, out, cfg, num_latents) -> tuple[dict, dict]:
     old_stamp = json.loads((out / STAMP_FILE).read_text())
     build_targets(model, samples, spec, cfg, out, num_latents=num_latents)

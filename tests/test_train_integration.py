@@ -87,13 +87,14 @@ def test_zero3_two_ranks_joint_stage1(tmp_path, tiny_synth_root):
 
 
 def test_demo_quick_end_to_end(tmp_path):
-    """`storms demo --quick` through the CLI: report, predictions and the MLflow parent/child runs."""
+    """`storms demo --quick` through the CLI, two methods trained at a time as the default demo does (one-rank
+    torchrun processes sharing one target cache): report, predictions and the MLflow parent/child runs."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     env.pop("MLFLOW_TRACKING_URI")
     runs = tmp_path / "runs"
     result = subprocess.run(
         [sys.executable, "-m", "storms_dist", "demo", "--quick", f"runs_dir={runs}",
-         f"data.root={tmp_path / 'data'}", "synth.workers=1"],
+         f"data.root={tmp_path / 'data'}", "synth.workers=1", "demo.parallel=2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
