@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from storms_dist.config import dump, from_dict, to_dict
+from storms_dist.config import dump, from_dict, replace, to_dict
 from storms_dist.run_config import RunConfig
 from storms_dist.train.signals import Preempted
 from storms_dist.train.trainer import StageConfig, TrainJob
@@ -123,7 +123,7 @@ def train_methods(cfg: RunConfig, chains: dict[str, list[TrainJob]], *, parallel
         return {method: train_chain(jobs, cfg, None) for method, jobs in chains.items()}
     from concurrent.futures import ThreadPoolExecutor
 
-    subprocess_cfg = from_dict(RunConfig, {**to_dict(cfg), "launcher": "torchrun"})
+    subprocess_cfg = replace(cfg, launcher="torchrun")
     order = sorted(chains, key=lambda method: method == "sft_k0")
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         futures = {method: pool.submit(train_chain, chains[method], subprocess_cfg, 1) for method in order}
@@ -161,8 +161,6 @@ def run_eval(tracker, export_dir: str, cfg: RunConfig, out_dir: Path, *, name: s
 def run_perception_eval(tracker, export_dir: str, cfg: RunConfig, out_dir: Path, *, parent_run_id: str | None,
                         progress: bool = True) -> dict | None:
     """Stage 0's perception accuracy on the perception val questions (None when the set has none)."""
-    from storms_dist.config import replace
-
     manifest = "perception_val.jsonl"
     if not (Path(cfg.data.root) / manifest).is_file():
         return None
@@ -264,7 +262,6 @@ ABLATION_LAMBDAS = (0.0, 0.1, 1.0)
 def run_ablation(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
     """STORMS I->II with K in ABLATION_KS (at the config's lambda) and lambda in ABLATION_LAMBDAS (at the config's K),
     all from one Stage 0 checkpoint with the same step budget (paper Table 5); report in RUN_DIR/ablation."""
-    from storms_dist.config import replace
     from storms_dist.eval.report import print_table, write_report
     from storms_dist.tracking import Tracker
 

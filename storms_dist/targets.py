@@ -8,6 +8,7 @@ rebuilt.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import shutil
@@ -221,21 +222,16 @@ def build_targets(
         raise ValueError("no sample has a thought_video: Stage I needs thought-video targets")
     data_cfg = cfg.encoding_data(data_cfg)
     stamp = target_stamp(model, num_latents, data_cfg, samples, cfg.regions)
-    if is_current(out_dir, stamp):
-        return TargetStore(out_dir)
     with cache_lock(out_dir):  # methods trained side by side (demo.parallel) build the same cache: one encodes
-        if is_current(out_dir, stamp):
-            return TargetStore(out_dir)
-        _encode_targets(model, samples, spec, data_cfg, out_dir, num_latents=num_latents, cfg=cfg, stamp=stamp,
-                        progress=progress)
+        if not is_current(out_dir, stamp):
+            _encode_targets(model, samples, spec, data_cfg, out_dir, num_latents=num_latents, cfg=cfg, stamp=stamp,
+                            progress=progress)
     return TargetStore(out_dir)
 
 
 @contextlib.contextmanager
 def cache_lock(out_dir: Path):
     """An exclusive lock on ``out_dir`` (a sibling ``.lock`` file), held while the cache is written."""
-    import fcntl
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(out_dir.with_name(out_dir.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

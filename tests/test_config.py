@@ -298,14 +298,15 @@ def test_one_stage_baselines_train_at_stage1_lr_and_storms_stage2_keeps_its_own(
     from storms_dist.pipeline import method_jobs
 
     cfg = load_config(RunConfig, REPO / "configs/demo/synth_panel.yaml",
-                      ["optim.lr=2e-3", "stage2.lr=2e-4", "stage1.num_steps=30", "stage2.num_steps=10"])
+                      ["optim.lr=2e-3", "stage1.lr=1e-3", "stage2.lr=2e-4", "stage1.num_steps=30",
+                       "stage2.num_steps=10"])
     assert cfg.targets.regions == 2 and cfg.targets.normalize == "region_pca" and cfg.targets.pixels == 1568
     jobs = {m: method_jobs(cfg, m, seed_dir=tmp_path, stage0_export="s0", targets_dir=tmp_path / "t",
                            parent_run_id=None) for m in ("sft_k0", "stage1_only", "stage2_only", "storms")}
     for method in ("sft_k0", "stage1_only", "stage2_only"):
         (job,) = jobs[method]
-        assert job.stage_cfg.num_steps == 40 and job.stage_cfg.lr is None, method  # None: optim.lr, as Stage I
+        assert job.stage_cfg.num_steps == 40 and job.stage_cfg.lr == 1e-3, method
     stage1, stage2 = jobs["storms"]
     assert (stage1.stage_cfg.num_steps, stage2.stage_cfg.num_steps) == (30, 10)
-    assert stage1.stage_cfg.lr is None and stage2.stage_cfg.lr == 2e-4
+    assert stage1.stage_cfg.lr == 1e-3 and stage2.stage_cfg.lr == 2e-4
     assert stage1.stage_cfg.mode == "joint" and stage1.stage_cfg.align and not stage2.stage_cfg.align
