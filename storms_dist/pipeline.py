@@ -84,7 +84,8 @@ def method_jobs(cfg: RunConfig, method: str, *, seed_dir: Path, stage0_export: s
 
     A one-stage method trains the whole budget at Stage I's peak lr; ``stage2.lr`` is the lr of STORMS's Stage II
     *continuation* only (a gentle Stage II keeps what Stage I aligned: docs/results.md, session 16), so a low
-    value there does not handicap the baselines."""
+    value there does not handicap the baselines. ``stage2.align`` (an alignment anchor in STORMS's Stage II, on
+    Stage I's cache) never reaches Stage II only or K=0: those baselines see no thought video."""
     budget = cfg.stage1.num_steps + cfg.stage2.num_steps
     tags = {"method": method}
 
@@ -97,14 +98,15 @@ def method_jobs(cfg: RunConfig, method: str, *, seed_dir: Path, stage0_export: s
                                                               "trainable": stage_cfg.trainable})
     if method == "storms":
         stage1 = job("stage1", 1, cfg.stage1, stage0_export, targets_dir)
-        stage2 = job("stage2", 2, cfg.stage2, str(stage1.out_dir / "export"))
+        stage2 = job("stage2", 2, cfg.stage2, str(stage1.out_dir / "export"), targets_dir if cfg.stage2.align else None)
         return [stage1, stage2]
     if method == "stage1_only":
         return [job("stage1", 1, with_steps(cfg.stage1, num_steps=budget), stage0_export, targets_dir)]
     if method == "stage2_only":
-        return [job("stage2", 2, with_steps(cfg.stage2, num_steps=budget, lr=cfg.stage1.lr), stage0_export)]
+        return [job("stage2", 2, with_steps(cfg.stage2, num_steps=budget, lr=cfg.stage1.lr, align=False),
+                    stage0_export)]
     if method == "sft_k0":
-        return [job("sft", 2, with_steps(cfg.stage2, num_steps=budget, lr=cfg.stage1.lr, num_latents=0,
+        return [job("sft", 2, with_steps(cfg.stage2, num_steps=budget, lr=cfg.stage1.lr, num_latents=0, align=False,
                                          mode="single"), stage0_export)]
     raise ValueError(f"unknown method {method!r}")
 

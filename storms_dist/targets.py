@@ -202,6 +202,25 @@ def is_current(directory: Path, stamp: dict) -> bool:
     return path.is_file() and json.loads(path.read_text()) == stamp
 
 
+def check_reusable(directory: Path, model: STORMSModel, samples: Sequence[Sample], data_cfg: DataConfig, *,
+                   num_latents: int, cfg: TargetsConfig) -> TargetStore:
+    """The cache a *continuing* stage aligns to: the one its Stage I aligned to, built by Stage I's starting tower.
+    Stage I trains the merger, so this checkpoint's tower would encode another space (docs/results.md, session
+    18): everything in the stamp must match except the vision fingerprint."""
+    path = Path(directory) / STAMP_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no target cache to continue aligning to (Stage I builds it; run Stage I "
+                                "with the same targets folder first)")
+    samples = [s for s in samples if s.thought_video is not None]
+    expected = target_stamp(model, num_latents, cfg.encoding_data(data_cfg), samples, cfg.regions)
+    cached = json.loads(path.read_text())
+    differs = [k for k in expected if k != "vision_fingerprint" and cached.get(k) != expected[k]]
+    if differs:
+        raise ValueError(f"{path}: the cache was built for other {', '.join(differs)} "
+                         f"({', '.join(f'{k}={cached.get(k)!r}, expected {expected[k]!r}' for k in differs[:2])})")
+    return TargetStore(Path(directory))
+
+
 @torch.no_grad()
 def build_targets(
     model: STORMSModel,

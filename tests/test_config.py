@@ -294,6 +294,20 @@ def test_cli_config_error_is_one_stderr_line_exit_2():
     assert result.stdout == ""
 
 
+def test_a_stage2_alignment_anchor_reaches_storms_only_on_stage1_cache(tmp_path):
+    from storms_dist.pipeline import method_jobs
+
+    cfg = load_config(RunConfig, REPO / "configs/demo/synth_panel.yaml", ["stage2.align=true"])
+    jobs = {m: method_jobs(cfg, m, seed_dir=tmp_path, stage0_export="s0", targets_dir=tmp_path / "t",
+                           parent_run_id=None) for m in ("sft_k0", "stage1_only", "stage2_only", "storms")}
+    stage1, stage2 = jobs["storms"]
+    assert stage2.stage_cfg.align and stage2.targets_dir == stage1.targets_dir == tmp_path / "t"
+    assert stage2.init_from == str(stage1.out_dir / "export")
+    for method in ("sft_k0", "stage2_only"):  # the baselines without thought videos stay answer-only
+        (job,) = jobs[method]
+        assert not job.stage_cfg.align and job.targets_dir is None, method
+
+
 def test_one_stage_baselines_train_at_stage1_lr_and_storms_stage2_keeps_its_own(tmp_path):
     from storms_dist.pipeline import method_jobs
 

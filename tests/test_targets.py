@@ -22,6 +22,7 @@ from storms_dist.targets import (
     TargetsConfig,
     TargetStore,
     build_targets,
+    check_reusable,
     is_current,
     target_stamp,
     vision_fingerprint,
@@ -201,6 +202,26 @@ def test_changing_vision_weight_rebuilds(model, spec, few, cache):
     new = TargetStore(cache)[uids]
     assert not torch.allclose(new, old)
     torch.testing.assert_close(new[1], reference_targets(changed, spec, cfg, few[1], GROUPS), rtol=1e-4, atol=1e-5)
+
+
+def test_a_continuing_stage_reuses_stage1_cache_after_the_merger_moved(model, spec, few, cache, monkeypatch):
+    """Stage II aligns to the cache Stage I aligned to: a moved merger must neither re-encode nor reject it, while a
+    cache for another K or sample set is refused by name."""
+    uids = [s.uid for s in few]
+    before = (cache / STAMP_FILE).read_text(), TargetStore(cache)[uids]
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        next(moved.backbone.model.visual.merger.parameters()).add_(0.01)
+    calls = count_encodes(moved, monkeypatch)
+    store = check_reusable(cache, moved, few, data_cfg(), num_latents=K, cfg=TargetsConfig())
+    assert calls == [] and (cache / STAMP_FILE).read_text() == before[0]
+    torch.testing.assert_close(store[uids], before[1])
+    with pytest.raises(ValueError, match="num_latents"):
+        check_reusable(cache, moved, few, data_cfg(), num_latents=K + 1, cfg=TargetsConfig())
+    with pytest.raises(ValueError, match="uids"):
+        check_reusable(cache, moved, few[:2], data_cfg(), num_latents=K, cfg=TargetsConfig())
+    with pytest.raises(FileNotFoundError, match="no target cache"):
+        check_reusable(cache.parent / "absent", moved, few, data_cfg(), num_latents=K, cfg=TargetsConfig())
 
 
 def test_changing_merger_weight_changes_fingerprint(model):

@@ -78,7 +78,8 @@ class StageConfig:
     """single / joint with align: std of Gaussian noise added to the teacher-forced slot inputs (the targets they
     are aligned to stay clean), so each step learns to pull an imprecise state back onto the targets."""
     align: bool = False
-    """Add lambda * alignment to the thought-video targets (Stage I)."""
+    """Add lambda * alignment to the thought-video targets: Stage I's objective; in Stage II (rollout mode) an anchor
+    that keeps the answer-trained rollout on the targets Stage I aligned it to (the same cache)."""
     split: Literal["train", "perception"] = "train"
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     log_every: int = 10
@@ -246,12 +247,16 @@ class Trainer:
                                      "data": to_dict(self.cfg.data)})
 
     def _thought_video_targets(self):
-        """Stage I targets from this stage's starting checkpoint: rank 0 (re)builds a stale or missing cache."""
-        from storms_dist.targets import TargetStore, build_targets
+        """Stage I targets from this stage's starting checkpoint: rank 0 (re)builds a stale or missing cache. Stage II
+        with align continues on Stage I's cache as it is (its tower's merger has moved since)."""
+        from storms_dist.targets import TargetStore, build_targets, check_reusable
 
         if self.job.targets_dir is None:
             raise ValueError(f"{self.job.name}: align=true needs a targets folder (TrainJob.targets_dir)")
-        if self.dist.is_main:
+        if self.job.stage == 2:
+            check_reusable(self.job.targets_dir, self.model, self.dataset.samples, self.cfg.data,
+                           num_latents=self.num_latents, cfg=self.cfg.targets)
+        elif self.dist.is_main:
             build_targets(self.model, self.dataset.samples, self.spec, self.cfg.data, self.job.targets_dir,
                           num_latents=self.num_latents, cfg=self.cfg.targets, progress=True)
         barrier()
