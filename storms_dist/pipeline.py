@@ -43,6 +43,7 @@ def job_from_json(data: dict) -> TrainJob:
         out_dir=Path(data["out_dir"]), init_from=data["init_from"],
         targets_dir=None if data["targets_dir"] is None else Path(data["targets_dir"]),
         parent_run_id=data["parent_run_id"], tags=data.get("tags", {}),
+        reuse_targets=data.get("reuse_targets", False),
     )
 
 
@@ -80,56 +81,102 @@ def run_training(cfg: RunConfig, job: TrainJob, *, threads: int | None = None) -
 
 def method_jobs(cfg: RunConfig, method: str, *, seed_dir: Path, stage0_export: str, targets_dir: Path,
                 parent_run_id: str | None) -> list[TrainJob]:
-    """The training jobs of one demo method, all starting from the Stage 0 export with the same step budget.
+    """The training jobs of one demo method, in order, all starting from the Stage 0 export with the same step budget.
 
     A one-stage method trains the whole budget at Stage I's peak lr; ``stage2.lr`` is the lr of STORMS's Stage II
     *continuation* only (a gentle Stage II keeps what Stage I aligned: docs/results.md, session 16), so a low
     value there does not handicap the baselines. ``stage2.align`` (an alignment anchor in STORMS's Stage II, on
-    Stage I's cache) never reaches Stage II only or K=0: those baselines see no thought video."""
+    Stage I's cache) never reaches Stage II only or K=0: those baselines see no thought video.
+
+    With ``demo.share_stage1`` Stage I only is STORMS's own Stage I job (the same folder: trained once) followed by
+    ``stage2.num_steps`` more Stage I steps on Stage II's lr schedule, aligned to the same cache: the two methods
+    differ only in the objective of their last ``stage2.num_steps`` steps, a paired comparison."""
     budget = cfg.stage1.num_steps + cfg.stage2.num_steps
     tags = {"method": method}
 
-    def job(name, stage, stage_cfg, init_from, targets=None):
-        return TrainJob(name=f"{method}/{name}", stage=stage, stage_cfg=stage_cfg,
-                        out_dir=seed_dir / method / name, init_from=init_from, targets_dir=targets,
-                        parent_run_id=parent_run_id, tags=tags)
+    def job(owner, name, stage, stage_cfg, init_from, targets=None, *, reuse_targets=False):
+        return TrainJob(name=f"{owner}/{name}", stage=stage, stage_cfg=stage_cfg, out_dir=seed_dir / owner / name,
+                        init_from=init_from, targets_dir=targets, parent_run_id=parent_run_id, tags=tags,
+                        reuse_targets=reuse_targets)
 
     with_steps = lambda stage_cfg, **changes: StageConfig(**{**to_dict(stage_cfg), **changes,  # noqa: E731
                                                               "trainable": stage_cfg.trainable})
+    storms_stage1 = job("storms", "stage1", 1, cfg.stage1, stage0_export, targets_dir)
+    storms_stage1.tags = {"method": "storms"}  # the same job when Stage I only shares it
     if method == "storms":
-        stage1 = job("stage1", 1, cfg.stage1, stage0_export, targets_dir)
-        stage2 = job("stage2", 2, cfg.stage2, str(stage1.out_dir / "export"), targets_dir if cfg.stage2.align else None)
-        return [stage1, stage2]
+        stage2 = job(method, "stage2", 2, cfg.stage2, str(storms_stage1.out_dir / "export"),
+                     targets_dir if cfg.stage2.align else None)
+        return [storms_stage1, stage2]
+    if method == "stage1_only" and cfg.demo.share_stage1:
+        continued = with_steps(cfg.stage1, num_steps=cfg.stage2.num_steps, lr=cfg.stage2.lr)
+        return [storms_stage1, job(method, "stage1_continued", 1, continued, str(storms_stage1.out_dir / "export"),
+                                   targets_dir, reuse_targets=True)]
     if method == "stage1_only":
-        return [job("stage1", 1, with_steps(cfg.stage1, num_steps=budget), stage0_export, targets_dir)]
+        return [job(method, "stage1", 1, with_steps(cfg.stage1, num_steps=budget), stage0_export, targets_dir)]
     if method == "stage2_only":
-        return [job("stage2", 2, with_steps(cfg.stage2, num_steps=budget, lr=cfg.stage1.lr, align=False),
+        return [job(method, "stage2", 2, with_steps(cfg.stage2, num_steps=budget, lr=cfg.stage1.lr, align=False),
                     stage0_export)]
     if method == "sft_k0":
-        return [job("sft", 2, with_steps(cfg.stage2, num_steps=budget, lr=cfg.stage1.lr, num_latents=0, align=False,
-                                         mode="single"), stage0_export)]
+        return [job(method, "sft", 2, with_steps(cfg.stage2, num_steps=budget, lr=cfg.stage1.lr, num_latents=0,
+                                                 align=False, mode="single"), stage0_export)]
     raise ValueError(f"unknown method {method!r}")
 
 
+STEP_COST = {"single": 0.75, "rollout": 1.0, "joint": 1.25}
+"""Relative CPU cost of one optimizer step per forward mode (qwen2_5_vl-tiny, one thread, K=8: 0.15 / 0.20 /
+0.25 s, measured 2026-12-05): orders the demo's jobs, nothing else."""
+
+
+def job_order(chains: dict[str, list[TrainJob]]) -> tuple[dict[Path, TrainJob], dict[Path, Path | None],
+                                                          dict[Path, float]]:
+    """The distinct jobs of the methods' chains (a job several chains share, i.e. the same ``out_dir``, once), the job
+    each one waits for (its predecessor in its chain), and each job's priority: its own estimated cost plus the
+    longest remaining chain after it (the critical path), so the longest dependent work starts first."""
+    jobs: dict[Path, TrainJob] = {}
+    after: dict[Path, Path | None] = {}
+    for chain in chains.values():
+        for previous, job in zip([None, *chain], chain):
+            waits_for = None if previous is None else previous.out_dir
+            if after.setdefault(job.out_dir, waits_for) != waits_for:
+                raise ValueError(f"{job.out_dir}: shared by two chains that train it from different starts")
+            jobs.setdefault(job.out_dir, job)
+
+    def path_cost(key: Path) -> float:
+        job = jobs[key]
+        own = job.stage_cfg.num_steps * STEP_COST.get(job.stage_cfg.mode, 1.0)
+        return own + max((path_cost(k) for k, w in after.items() if w == key), default=0.0)
+
+    return jobs, after, {key: path_cost(key) for key in jobs}
+
+
 def train_methods(cfg: RunConfig, chains: dict[str, list[TrainJob]], *, parallel: int) -> dict[str, dict]:
-    """Train each method's chain of jobs (in order within a chain); returns each chain's last summary.
+    """Train each method's chain of jobs, each job after its predecessor; a job that several chains share trains
+    once. Returns each chain's last summary.
 
-    With ``parallel`` > 1 that many chains run at once, each job a one-rank torchrun process at one thread, the
-    longest chains first (sft_k0's single pass is the shortest)."""
-    def train_chain(jobs: list[TrainJob], run_cfg: RunConfig, threads: int | None) -> dict:
-        for job in jobs:
-            summary = run_training(run_cfg, job, threads=threads)
-        return summary
-
+    With ``parallel`` > 1 up to that many jobs run at once, each a one-rank torchrun process at one thread; of the
+    jobs ready to start, the one heading the longest remaining work starts first (``job_order``)."""
+    jobs, after, priority = job_order(chains)
+    by_priority = sorted(jobs, key=lambda key: -priority[key])
+    summaries: dict[Path, dict] = {}
     if parallel == 1:
-        return {method: train_chain(jobs, cfg, None) for method, jobs in chains.items()}
-    from concurrent.futures import ThreadPoolExecutor
+        while len(summaries) < len(jobs):
+            key = next(k for k in by_priority if k not in summaries and (after[k] is None or after[k] in summaries))
+            summaries[key] = run_training(cfg, jobs[key])
+    else:
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    subprocess_cfg = replace(cfg, launcher="torchrun")
-    order = sorted(chains, key=lambda method: method == "sft_k0")
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = {method: pool.submit(train_chain, chains[method], subprocess_cfg, 1) for method in order}
-        return {method: futures[method].result() for method in chains}
+        subprocess_cfg = replace(cfg, launcher="torchrun")
+        running: dict = {}
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            while len(summaries) < len(jobs):
+                started = set(summaries) | set(running.values())
+                ready = [k for k in by_priority if k not in started and (after[k] is None or after[k] in summaries)]
+                for key in ready[: parallel - len(running)]:
+                    running[pool.submit(run_training, subprocess_cfg, jobs[key], threads=1)] = key
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    summaries[running.pop(future)] = future.result()  # a failed job raises here
+    return {method: summaries[chain[-1].out_dir] for method, chain in chains.items()}
 
 
 def stage0_job(cfg: RunConfig, seed_dir: Path, parent_run_id: str | None) -> TrainJob:

@@ -29,8 +29,12 @@ class DemoConfig:
     dynamics_qtypes: tuple[str, ...] = ("future_cell",)
     """Question types that need the video's dynamics (the rest are single-frame controls). The default is the grid
     task's; the balls task's are extrapolate, order, count, speed_direction (configs/demo/synth_balls.yaml)."""
+    share_stage1: bool = True
+    """Stage I only = STORMS's Stage I job (trained once) + ``stage2.num_steps`` more Stage I steps on Stage II's lr
+    schedule, so Stage I only and STORMS differ only in their last stage's objective (paired at the branch point).
+    False: Stage I only trains the whole budget in one schedule from Stage 0."""
     parallel: int = 1
-    """Methods trained at a time. Above 1, each training job runs as its own one-rank torchrun process at one
+    """Training jobs run at a time. Above 1, each training job runs as its own one-rank torchrun process at one
     thread: two torch processes at two threads each oversubscribe two cores, at one thread each they share them."""
 
     def __post_init__(self):

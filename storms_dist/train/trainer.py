@@ -153,6 +153,10 @@ class TrainJob:
     targets_dir: Path | None = None
     parent_run_id: str | None = None
     tags: dict = field(default_factory=dict)
+    reuse_targets: bool = False
+    """Align to ``targets_dir`` as it is (``targets.check_reusable``) instead of (re)building it from this job's
+    starting tower: a job that continues from a Stage I export aligns to the cache that Stage I aligned to. Stage II
+    jobs always do."""
 
 
 class Trainer:
@@ -248,12 +252,13 @@ class Trainer:
 
     def _thought_video_targets(self):
         """Stage I targets from this stage's starting checkpoint: rank 0 (re)builds a stale or missing cache. Stage II
-        with align continues on Stage I's cache as it is (its tower's merger has moved since)."""
+        with align, and any job with ``reuse_targets``, continues on Stage I's cache as it is (its tower's merger has
+        moved since)."""
         from storms_dist.targets import TargetStore, build_targets, check_reusable
 
         if self.job.targets_dir is None:
             raise ValueError(f"{self.job.name}: align=true needs a targets folder (TrainJob.targets_dir)")
-        if self.job.stage == 2:
+        if self.job.stage == 2 or self.job.reuse_targets:
             check_reusable(self.job.targets_dir, self.model, self.dataset.samples, self.cfg.data,
                            num_latents=self.num_latents, cfg=self.cfg.targets)
         elif self.dist.is_main:
