@@ -313,7 +313,7 @@ def test_one_stage_baselines_train_at_stage1_lr_and_storms_stage2_keeps_its_own(
 
     cfg = load_config(RunConfig, REPO / "configs/demo/synth_panel.yaml",
                       ["optim.lr=2e-3", "stage1.lr=1e-3", "stage2.lr=2e-4", "stage1.num_steps=30",
-                       "stage2.num_steps=10"])
+                       "stage2.num_steps=10", "demo.share_stage1=false"])
     assert cfg.targets.regions == 2 and cfg.targets.normalize == "region_pca" and cfg.targets.pixels == 1568
     jobs = {m: method_jobs(cfg, m, seed_dir=tmp_path, stage0_export="s0", targets_dir=tmp_path / "t",
                            parent_run_id=None) for m in ("sft_k0", "stage1_only", "stage2_only", "storms")}
@@ -324,3 +324,43 @@ def test_one_stage_baselines_train_at_stage1_lr_and_storms_stage2_keeps_its_own(
     assert (stage1.stage_cfg.num_steps, stage2.stage_cfg.num_steps) == (30, 10)
     assert stage1.stage_cfg.lr == 1e-3 and stage2.stage_cfg.lr == 2e-4
     assert stage1.stage_cfg.mode == "joint" and stage1.stage_cfg.align and not stage2.stage_cfg.align
+
+
+def test_stage1_only_shares_storms_stage1_and_continues_it_on_stage2_schedule(tmp_path):
+    from storms_dist.pipeline import job_order, method_jobs
+
+    cfg = load_config(RunConfig, REPO / "configs/demo/synth_panel.yaml",
+                      ["stage1.lr=1e-3", "stage2.lr=2e-4", "stage1.num_steps=30", "stage2.num_steps=10"])
+    assert cfg.demo.share_stage1
+    chains = {m: method_jobs(cfg, m, seed_dir=tmp_path, stage0_export="s0", targets_dir=tmp_path / "t",
+                             parent_run_id=None) for m in ("sft_k0", "stage1_only", "stage2_only", "storms")}
+    shared, continued = chains["stage1_only"]
+    assert shared.out_dir == chains["storms"][0].out_dir == tmp_path / "storms" / "stage1"
+    assert shared.init_from == "s0" and shared.stage_cfg.num_steps == 30 and not shared.reuse_targets
+    # the continuation: Stage I's objective on Stage II's steps and lr, aligned to the cache Stage I aligned to
+    assert continued.stage == 1 and continued.init_from == str(shared.out_dir / "export")
+    assert (continued.stage_cfg.num_steps, continued.stage_cfg.lr) == (10, 2e-4)
+    assert continued.stage_cfg.mode == "joint" and continued.stage_cfg.align and continued.stage_cfg.teacher_noise
+    assert continued.reuse_targets and continued.targets_dir == tmp_path / "t"
+    for method in ("sft_k0", "stage2_only"):  # the baselines without thought videos keep the whole budget
+        (job,) = chains[method]
+        assert job.stage_cfg.num_steps == 40 and job.stage_cfg.lr == 1e-3, method
+
+    jobs, after, priority = job_order(chains)
+    assert len(jobs) == 5  # the shared Stage I once
+    assert after[continued.out_dir] == after[chains["storms"][1].out_dir] == shared.out_dir
+    assert after[shared.out_dir] is None
+    # critical path: the shared Stage I heads its own 30 joint steps plus the longest continuation after it
+    assert priority[shared.out_dir] == 30 * 1.25 + 10 * 1.25
+    assert priority[chains["sft_k0"][0].out_dir] == 40 * 0.75
+    assert max(priority, key=priority.get) == shared.out_dir
+
+
+def test_a_job_shared_by_two_chains_must_have_the_same_start(tmp_path):
+    from storms_dist.pipeline import job_order, method_jobs
+
+    cfg = load_config(RunConfig, REPO / "configs/demo/synth_panel.yaml")
+    storms = method_jobs(cfg, "storms", seed_dir=tmp_path, stage0_export="s0", targets_dir=tmp_path / "t",
+                         parent_run_id=None)
+    with pytest.raises(ValueError, match="shared by two chains"):
+        job_order({"storms": storms, "odd": [storms[1]]})

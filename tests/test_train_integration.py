@@ -115,8 +115,18 @@ def test_demo_quick_end_to_end(tmp_path):
     parents = [r for r in all_runs if r.info.run_name == "demo_quick/pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.info.run_name for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert {"stage0", "storms/stage1", "storms/stage2", "sft_k0/sft", "stage1_only/stage1",
+    assert {"stage0", "storms/stage1", "storms/stage2", "sft_k0/sft", "stage1_only/stage1_continued",
             "stage2_only/stage2"} <= children
+    # Stage I only shares STORMS's Stage I (trained once) and continues it for the Stage II budget
+    assert not (run_dir / "seed0" / "stage1_only" / "stage1").exists()
+    continued = json.loads((run_dir / "seed0" / "stage1_only" / "stage1_continued" / "summary.json").read_text())
+    assert continued["steps"] == 3 and continued["stage"] == 1
+    # ... aligned to the cache Stage I aligned to, not re-encoded by the continued export's moved merger
+    from storms_dist.model.build import load_exported
+    from storms_dist.targets import STAMP_FILE, vision_fingerprint
+
+    stamp = json.loads((run_dir / "seed0" / "targets" / STAMP_FILE).read_text())
+    assert stamp["vision_fingerprint"] == vision_fingerprint(load_exported(run_dir / "seed0" / "stage0" / "export")[0])
     eval_runs = {r.info.run_name: r for r in all_runs if r.info.run_name.endswith("/eval")}
     assert set(eval_runs) == {f"{m}/eval" for m in ("sft_k0", "stage1_only", "stage2_only", "storms")}
     storms_eval = eval_runs["storms/eval"]
