@@ -149,29 +149,31 @@ def job_order(chains: dict[str, list[TrainJob]]) -> tuple[dict[Path, TrainJob], 
     return jobs, after, {key: path_cost(key) for key in jobs}
 
 
-def train_methods(cfg: RunConfig, chains: dict[str, list[TrainJob]], *, parallel: int) -> dict[str, dict]:
-    """Train each method's chain of jobs, each job after its predecessor; a job that several chains share trains
-    once. Returns each chain's last summary.
+def train_methods(cfg: RunConfig, chains: dict[str, list[TrainJob]], *, parallel: int,
+                  job_cfgs: dict[str, RunConfig] | None = None) -> dict[str, dict]:
+    """Train each chain of jobs (a demo method, or an ablation setting with its own config in ``job_cfgs``), each job
+    after its predecessor; a job that several chains share trains once. Returns each chain's last summary.
 
     With ``parallel`` > 1 up to that many jobs run at once, each a one-rank torchrun process at one thread; of the
     jobs ready to start, the one heading the longest remaining work starts first (``job_order``)."""
     jobs, after, priority = job_order(chains)
+    job_cfg = {job.out_dir: (job_cfgs or {}).get(name, cfg) for name, chain in chains.items() for job in chain}
     by_priority = sorted(jobs, key=lambda key: -priority[key])
     summaries: dict[Path, dict] = {}
     if parallel == 1:
         while len(summaries) < len(jobs):
             key = next(k for k in by_priority if k not in summaries and (after[k] is None or after[k] in summaries))
-            summaries[key] = run_training(cfg, jobs[key])
+            summaries[key] = run_training(job_cfg[key], jobs[key])
     else:
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        subprocess_cfg = replace(cfg, launcher="torchrun")
         running: dict = {}
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             while len(summaries) < len(jobs):
                 started = set(summaries) | set(running.values())
                 ready = [k for k in by_priority if k not in started and (after[k] is None or after[k] in summaries)]
                 for key in ready[: parallel - len(running)]:
+                    subprocess_cfg = replace(job_cfg[key], launcher="torchrun")
                     running[pool.submit(run_training, subprocess_cfg, jobs[key], threads=1)] = key
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
@@ -327,14 +329,20 @@ def run_ablation(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
     with tracker.run(f"{cfg.name}/ablation", tags={"pipeline": "ablation"}) as parent_id:
         ensure_synth(cfg, progress=progress)
         stage0 = run_training(seed_cfg, stage0_job(seed_cfg, seed_dir, parent_id))
+        setting_cfgs, chains = {}, {}
         for k, lam in settings:
             name = f"K={k} λ={lam:g}"
-            setting_cfg = replace(seed_cfg, model=replace(seed_cfg.model, num_latents=k, align_weight=lam))
-            setting_dir = out_dir / f"k{k}_lambda{lam:g}"
-            for job in method_jobs(setting_cfg, "storms", seed_dir=setting_dir, stage0_export=stage0["export"],
-                                   targets_dir=seed_dir / f"targets_k{k}", parent_run_id=parent_id):
+            setting_cfgs[name] = replace(seed_cfg, model=replace(seed_cfg.model, num_latents=k, align_weight=lam))
+            chains[name] = method_jobs(setting_cfgs[name], "storms", seed_dir=out_dir / f"k{k}_lambda{lam:g}",
+                                       stage0_export=stage0["export"], targets_dir=seed_dir / f"targets_k{k}",
+                                       parent_run_id=parent_id)
+            for job in chains[name]:
                 job.tags = {"method": "storms", "ablation": name}
-                summary = run_training(setting_cfg, job)
+        summaries = train_methods(seed_cfg, chains, parallel=cfg.demo.parallel, job_cfgs=setting_cfgs)
+        for name, summary in summaries.items():
+            setting_cfg = setting_cfgs[name]
+            k = setting_cfg.model.num_latents
+            setting_dir = chains[name][0].out_dir.parent
             metrics = run_eval(tracker, summary["export"], setting_cfg, setting_dir / "eval", name=f"{name}/eval",
                                parent_run_id=parent_id, tags={"ablation": name}, progress=progress)
             results[name] = [metrics]

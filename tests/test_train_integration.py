@@ -136,3 +136,36 @@ def test_demo_quick_end_to_end(tmp_path):
     assert "predictions.jsonl" in {a.path for a in client.list_artifacts(storms_eval.info.run_id)}
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"report.md", "report.png", "results.json", "config.yaml"} <= artifacts
+
+
+def test_demo_ablation_quick_end_to_end(tmp_path):
+    """`storms demo --quick --ablation`: STORMS for K in 4/8/16 and lambda in 0/0.1/1 from one Stage 0, the settings
+    trained two jobs at a time as one-rank torchrun processes; table + chart, MLflow runs per setting."""
+    runs = tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, "-m", "storms_dist", "demo", "--quick", "--ablation", f"runs_dir={runs}",
+         f"data.root={tmp_path / 'data'}", "synth.workers=1", "demo.parallel=2", "stage1.num_steps=2",
+         "stage2.num_steps=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out_dir = runs / "demo_quick" / "ablation"
+    # the quick config's K = 4 and lambda = 0.1: K 4/8/16 at lambda 0.1, then lambda 0 and 1 at K = 4
+    settings = ["K=4 λ=0.1", "K=8 λ=0.1", "K=16 λ=0.1", "K=4 λ=0", "K=4 λ=1"]
+    report = (out_dir / "report.md").read_text()
+    for name in settings:
+        assert name in report
+    assert (out_dir / "report.png").stat().st_size > 10_000
+    for folder, k in (("k4_lambda0.1", 4), ("k8_lambda0.1", 8), ("k16_lambda0.1", 16), ("k4_lambda0", 4)):
+        metrics = json.loads((out_dir / folder / "eval" / "metrics.json").read_text())
+        assert metrics["num_latents"] == k and metrics["overall"]["num"] == 24
+        assert json.loads((out_dir / folder / "storms" / "stage2" / "summary.json").read_text())["num_latents"] == k
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    all_runs = client.search_runs([client.get_experiment_by_name("storms").experiment_id])
+    (parent,) = [r for r in all_runs if r.info.run_name == "demo_quick/ablation"]
+    evals = {r.info.run_name for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+             and r.info.run_name.endswith("/eval")}
+    assert evals == {f"{name}/eval" for name in settings}
