@@ -297,6 +297,9 @@ def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
         baselines = {"chance": diagnostics.chance_by_type(eval_samples),
                      **diagnostics.baseline_results(train_samples, eval_samples)}
         sections = _report_sections(perception_lines, target_lines, by_horizon)
+        paired = paired_differences(results, list(cfg.demo.dynamics_qtypes), list(cfg.demo.seeds))
+        if paired:
+            sections = {"STORMS minus each method, dynamics avg (points, paired by seed)": paired, **sections}
         report = dict(results=results, latency=latency, qtypes=_qtypes(results),
                       dynamics_qtypes=list(cfg.demo.dynamics_qtypes), baselines=baselines, sections=sections)
         paths = write_report(run_dir, **report, context=context)
@@ -358,6 +361,34 @@ def run_ablation(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
         for path in paths.values():
             tracker.log_artifact(path)
     return paths
+
+
+def paired_differences(results: dict[str, list[dict]], dynamics_qtypes: list[str], seeds: list[int],
+                       reference: str = "storms") -> list[str]:
+    """``reference`` minus every other method on the dynamics average, seed by seed (each seed's methods share
+    its Stage 0, data order and, with ``demo.share_stage1``, Stage I), with the mean ± 95 % t-interval over seeds:
+    the quantity the science target (STORMS beats K=0 by >= 10 points) is about. Markdown lines; none without
+    ``reference``."""
+    from storms_dist.eval.metrics import ci95, mean_std
+
+    if reference not in results:
+        return []
+
+    def dynamics_avg(metrics: dict) -> float:
+        values = [metrics["by_type"][q]["accuracy"] for q in dynamics_qtypes if q in metrics["by_type"]]
+        return sum(values) / len(values) if values else float("nan")
+
+    ref = [dynamics_avg(m) for m in results[reference]]
+    rows = ["| difference | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± 95 % CI |",
+            "|---|" + "---:|" * (len(seeds) + 1)]
+    for method, runs in results.items():
+        if method == reference:
+            continue
+        diffs = [r - dynamics_avg(m) for r, m in zip(ref, runs)]
+        mean, std = mean_std(diffs)
+        ci = f" ± {ci95(std, len(diffs)):.1f}" if len(diffs) > 1 else ""
+        rows.append(f"| {reference} − {method} | " + " | ".join(f"{d:+.1f}" for d in diffs) + f" | {mean:+.1f}{ci} |")
+    return rows
 
 
 def _report_sections(perception_lines: list[str], target_lines: list[str],

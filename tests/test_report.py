@@ -223,3 +223,19 @@ def test_write_report_and_json_round_trip(tmp_path: Path) -> None:
     assert loaded == ReportData(**inputs).inputs()  # normalized: one latency dict -> a one-seed list
     assert loaded["latency"]["text_cot"] == [inputs["latency"]["text_cot"]]
     assert render_markdown(**loaded) == render_markdown(**inputs)
+
+
+def test_paired_differences_subtract_each_method_from_storms_seed_by_seed():
+    from storms_dist.pipeline import paired_differences
+
+    def run(future, control=100.0):
+        return {"by_type": {"future_cell": {"accuracy": future}, "current_cell": {"accuracy": control}}}
+
+    results = {"sft_k0": [run(0.0), run(2.0), run(1.0)], "stage1_only": [run(60.0), run(50.0), run(40.0)],
+               "storms": [run(66.0), run(40.0), run(46.0, control=0.0)]}
+    header, rule, k0, stage1 = paired_differences(results, ["future_cell"], [0, 1, 2])
+    assert header == "| difference | seed 0 | seed 1 | seed 2 | mean ± 95 % CI |" and rule.count("---:") == 4
+    # the control column is not a dynamics type: it does not enter the difference
+    assert k0 == f"| storms − sft_k0 | +66.0 | +38.0 | +45.0 | +49.7 ± {ci95(mean_std([66, 38, 45])[1], 3):.1f} |"
+    assert stage1.startswith("| storms − stage1_only | +6.0 | -10.0 | +6.0 | +0.7 ± ")
+    assert paired_differences({"sft_k0": [run(1.0)]}, ["future_cell"], [0]) == []
