@@ -332,11 +332,12 @@ def run_ablation(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
     with tracker.run(f"{cfg.name}/ablation", tags={"pipeline": "ablation"}) as parent_id:
         ensure_synth(cfg, progress=progress)
         stage0 = run_training(seed_cfg, stage0_job(seed_cfg, seed_dir, parent_id))
-        setting_cfgs, chains = {}, {}
+        setting_cfgs, setting_dirs, chains = {}, {}, {}
         for k, lam in settings:
             name = f"K={k} λ={lam:g}"
             setting_cfgs[name] = replace(seed_cfg, model=replace(seed_cfg.model, num_latents=k, align_weight=lam))
-            chains[name] = method_jobs(setting_cfgs[name], "storms", seed_dir=out_dir / f"k{k}_lambda{lam:g}",
+            setting_dirs[name] = out_dir / f"k{k}_lambda{lam:g}"
+            chains[name] = method_jobs(setting_cfgs[name], "storms", seed_dir=setting_dirs[name],
                                        stage0_export=stage0["export"], targets_dir=seed_dir / f"targets_k{k}",
                                        parent_run_id=parent_id)
             for job in chains[name]:
@@ -345,8 +346,7 @@ def run_ablation(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
         for name, summary in summaries.items():
             setting_cfg = setting_cfgs[name]
             k = setting_cfg.model.num_latents
-            setting_dir = chains[name][0].out_dir.parent
-            metrics = run_eval(tracker, summary["export"], setting_cfg, setting_dir / "eval", name=f"{name}/eval",
+            metrics = run_eval(tracker, summary["export"], setting_cfg, setting_dirs[name] / "eval", name=f"{name}/eval",
                                parent_run_id=parent_id, tags={"ablation": name}, progress=progress)
             results[name] = [metrics]
             latency[name] = [{"latency_ms_per_item": metrics["latency_ms_per_item"], "num_latents": k}]

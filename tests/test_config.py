@@ -323,7 +323,9 @@ def test_one_stage_baselines_train_at_stage1_lr_and_storms_stage2_keeps_its_own(
     stage1, stage2 = jobs["storms"]
     assert (stage1.stage_cfg.num_steps, stage2.stage_cfg.num_steps) == (30, 10)
     assert stage1.stage_cfg.lr == 1e-3 and stage2.stage_cfg.lr == 2e-4
-    assert stage1.stage_cfg.mode == "joint" and stage1.stage_cfg.align and not stage2.stage_cfg.align
+    assert stage1.stage_cfg.mode == "joint" and stage1.stage_cfg.align
+    # the panel default anchors STORMS's Stage II to Stage I's cache
+    assert stage2.stage_cfg.align and stage2.targets_dir == stage1.targets_dir
 
 
 def test_stage1_only_shares_storms_stage1_and_continues_it_on_stage2_schedule(tmp_path):
