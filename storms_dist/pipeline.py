@@ -92,17 +92,16 @@ def method_jobs(cfg: RunConfig, method: str, *, seed_dir: Path, stage0_export: s
     ``stage2.num_steps`` more Stage I steps on Stage II's lr schedule, aligned to the same cache: the two methods
     differ only in the objective of their last ``stage2.num_steps`` steps, a paired comparison."""
     budget = cfg.stage1.num_steps + cfg.stage2.num_steps
-    tags = {"method": method}
 
     def job(owner, name, stage, stage_cfg, init_from, targets=None, *, reuse_targets=False):
+        # owner: the method whose folder (and MLflow tag) the job belongs to; STORMS owns the shared Stage I
         return TrainJob(name=f"{owner}/{name}", stage=stage, stage_cfg=stage_cfg, out_dir=seed_dir / owner / name,
-                        init_from=init_from, targets_dir=targets, parent_run_id=parent_run_id, tags=tags,
-                        reuse_targets=reuse_targets)
+                        init_from=init_from, targets_dir=targets, parent_run_id=parent_run_id,
+                        tags={"method": owner}, reuse_targets=reuse_targets)
 
     with_steps = lambda stage_cfg, **changes: StageConfig(**{**to_dict(stage_cfg), **changes,  # noqa: E731
                                                               "trainable": stage_cfg.trainable})
     storms_stage1 = job("storms", "stage1", 1, cfg.stage1, stage0_export, targets_dir)
-    storms_stage1.tags = {"method": "storms"}  # the same job when Stage I only shares it
     if method == "storms":
         stage2 = job(method, "stage2", 2, cfg.stage2, str(storms_stage1.out_dir / "export"),
                      targets_dir if cfg.stage2.align else None)
@@ -238,7 +237,7 @@ def stage0_hidden_rms(export_dir: str) -> float | None:
 def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
     from storms_dist.data.manifest import read_manifest
     from storms_dist.eval import diagnostics
-    from storms_dist.eval.report import print_table, write_report
+    from storms_dist.eval.report import paired_differences, print_table, write_report
     from storms_dist.targets import TargetStore
     from storms_dist.tracking import Tracker
 
@@ -361,34 +360,6 @@ def run_ablation(cfg: RunConfig, *, progress: bool = True) -> dict[str, Path]:
         for path in paths.values():
             tracker.log_artifact(path)
     return paths
-
-
-def paired_differences(results: dict[str, list[dict]], dynamics_qtypes: list[str], seeds: list[int],
-                       reference: str = "storms") -> list[str]:
-    """``reference`` minus every other method on the dynamics average, seed by seed (each seed's methods share
-    its Stage 0, data order and, with ``demo.share_stage1``, Stage I), with the mean ± 95 % t-interval over seeds:
-    the quantity the science target (STORMS beats K=0 by >= 10 points) is about. Markdown lines; none without
-    ``reference``."""
-    from storms_dist.eval.metrics import ci95, mean_std
-
-    if reference not in results:
-        return []
-
-    def dynamics_avg(metrics: dict) -> float:
-        values = [metrics["by_type"][q]["accuracy"] for q in dynamics_qtypes if q in metrics["by_type"]]
-        return sum(values) / len(values) if values else float("nan")
-
-    ref = [dynamics_avg(m) for m in results[reference]]
-    rows = ["| difference | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± 95 % CI |",
-            "|---|" + "---:|" * (len(seeds) + 1)]
-    for method, runs in results.items():
-        if method == reference:
-            continue
-        diffs = [r - dynamics_avg(m) for r, m in zip(ref, runs)]
-        mean, std = mean_std(diffs)
-        ci = f" ± {ci95(std, len(diffs)):.1f}" if len(diffs) > 1 else ""
-        rows.append(f"| {reference} − {method} | " + " | ".join(f"{d:+.1f}" for d in diffs) + f" | {mean:+.1f}{ci} |")
-    return rows
 
 
 def _report_sections(perception_lines: list[str], target_lines: list[str],

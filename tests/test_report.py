@@ -226,10 +226,11 @@ def test_write_report_and_json_round_trip(tmp_path: Path) -> None:
 
 
 def test_paired_differences_subtract_each_method_from_storms_seed_by_seed():
-    from storms_dist.pipeline import paired_differences
+    from storms_dist.eval.report import paired_differences
 
     def run(future, control=100.0):
-        return {"by_type": {"future_cell": {"accuracy": future}, "current_cell": {"accuracy": control}}}
+        return {"overall": {"accuracy": (3 * future + control) / 4},
+                "by_type": {"future_cell": {"accuracy": future}, "current_cell": {"accuracy": control}}}
 
     results = {"sft_k0": [run(0.0), run(2.0), run(1.0)], "stage1_only": [run(60.0), run(50.0), run(40.0)],
                "storms": [run(66.0), run(40.0), run(46.0, control=0.0)]}

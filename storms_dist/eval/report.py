@@ -23,6 +23,7 @@ accuracies (each type counts equally whatever its item count); "overall" is item
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -135,6 +136,29 @@ def summarize(data: ReportData) -> dict[str, dict[str, Cell | None]]:
             row[col] = Cell(*mean_std(values), num_seeds=len(values)) if values else None
         table[method] = row
     return table
+
+
+def paired_differences(results: Mapping[str, Sequence[Mapping[str, Any]]], dynamics_qtypes: Sequence[str],
+                       seeds: Sequence[int], reference: str = "storms") -> list[str]:
+    """``reference`` minus every other method on the dynamics average (the table's own column rule), seed by seed
+    (a seed's methods share its Stage 0, data order and, with ``demo.share_stage1``, Stage I), with the mean ± 95 %
+    t-interval over seeds: the quantity the science target (STORMS beats K=0 by >= 10 points) is about. Markdown
+    lines; none without ``reference`` or dynamics types."""
+    if reference not in results or not dynamics_qtypes:
+        return []
+    data = ReportData(results=dict(results), qtypes=list(dynamics_qtypes), dynamics_qtypes=list(dynamics_qtypes))
+    dynamics = {m: [_seed_column_values(s, data).get(DYNAMICS_AVG, math.nan) for s in runs]
+                for m, runs in data.results.items()}
+    rows = ["| difference | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± 95 % CI |",
+            "|---|" + "---:|" * (len(seeds) + 1)]
+    for method, values in dynamics.items():
+        if method == reference:
+            continue
+        diffs = [r - v for r, v in zip(dynamics[reference], values)]
+        mean, std = mean_std(diffs)
+        ci = f" ± {ci95(std, len(diffs)):.1f}" if len(diffs) > 1 else ""
+        rows.append(f"| {reference} − {method} | " + " | ".join(f"{d:+.1f}" for d in diffs) + f" | {mean:+.1f}{ci} |")
+    return rows
 
 
 def best_methods(summary: Mapping[str, Mapping[str, Cell | None]], column: str, *, ndigits: int = 1) -> set[str]:
