@@ -329,7 +329,7 @@ def test_one_stage_baselines_train_at_stage1_lr_and_storms_stage2_keeps_its_own(
 
 
 def test_stage1_only_shares_storms_stage1_and_continues_it_on_stage2_schedule(tmp_path):
-    from storms_dist.pipeline import job_order, method_jobs
+    from storms_dist.pipeline import STEP_COST, job_order, method_jobs
 
     cfg = load_config(RunConfig, REPO / "configs/demo/synth_panel.yaml",
                       ["stage1.lr=1e-3", "stage2.lr=2e-4", "stage1.num_steps=30", "stage2.num_steps=10"])
@@ -353,8 +353,8 @@ def test_stage1_only_shares_storms_stage1_and_continues_it_on_stage2_schedule(tm
     assert after[continued.out_dir] == after[chains["storms"][1].out_dir] == shared.out_dir
     assert after[shared.out_dir] is None
     # critical path: the shared Stage I heads its own 30 joint steps plus the longest continuation after it
-    assert priority[shared.out_dir] == 30 * 1.25 + 10 * 1.25
-    assert priority[chains["sft_k0"][0].out_dir] == 40 * 0.75
+    assert priority[shared.out_dir] == (30 + 10) * STEP_COST["joint"]
+    assert priority[chains["sft_k0"][0].out_dir] == 40 * STEP_COST["single"]
     assert max(priority, key=priority.get) == shared.out_dir
 
 
