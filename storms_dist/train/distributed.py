@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -63,8 +64,25 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     if not torch.distributed.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+        with _no_shm_op_build() if world_size == 1 and device.type == "cpu" else nullcontext():
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, local_rank, world_size, device)
+
+
+@contextmanager
+def _no_shm_op_build():
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce op even for one process, which has nothing
+    to reduce: ~26 s on 2 cores the first time (a fresh clone's `make demo`). One rank skips it."""
+    import importlib
+
+    # importlib: `import deepspeed.comm.torch as m` binds deepspeed.comm's attribute `torch`, which is torch itself
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    build = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = build
 
 
 def barrier() -> None:
