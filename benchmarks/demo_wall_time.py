@@ -62,6 +62,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", action="append", default=[], help="NAME:override,override (may be empty)")
     p.add_argument("--fresh-clone", action="store_true", help="also time `make demo` in a git clone of HEAD")
+    p.add_argument("--keep-clone", type=Path, default=None,
+                   help="clone into this (new) folder and keep it, e.g. to compare its exports; default: a temp dir")
     args = p.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
@@ -77,7 +79,7 @@ def main() -> None:
                        timeline(REPO / "runs" / run_name))
     if args.fresh_clone:
         with tempfile.TemporaryDirectory(prefix="storms_fresh_") as tmp:
-            clone = Path(tmp) / "storms_dist"
+            clone = args.keep_clone.resolve() if args.keep_clone else Path(tmp) / "storms_dist"
             subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
             env_python = os.environ.get("PYTHON", "python3")
             wall = timed(["make", "demo", f"PYTHON={env_python}"], clone, Path(tmp) / "make_demo.log")
