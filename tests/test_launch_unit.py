@@ -131,13 +131,22 @@ def test_a_failed_task_cancels_its_waiting_peers(tmp_path, monkeypatch):
         wait_failing_fast(job, poll_s=0.2)
     peer = int((tmp_path / "task1.pid").read_text())
     for _ in range(100):  # the cancel's SIGINT/SIGKILL reaches the waiting task within a few seconds
-        try:
-            os.kill(peer, 0)
-        except ProcessLookupError:
+        if not _runs(peer):
             break
         time.sleep(0.1)
     else:
         pytest.fail(f"task 1 (pid {peer}) still runs after its peer failed")
+
+
+def _runs(pid: int) -> bool:
+    """Alive and not a zombie: a killed task whose controller exited before reaping it stays a zombie until init
+    reaps it, and os.kill(pid, 0) still succeeds on a zombie."""
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return state != "Z"
 
 
 # ---- checks before submission ----
