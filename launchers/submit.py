@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -216,11 +217,28 @@ def wait_failing_fast(job, poll_s: float = 1.0) -> list:
             except (FileNotFoundError, EOFError):  # still running, or its result is being written
                 continue
             if outcome == "error":
-                job.cancel(check=False)
+                _cancel(job)
                 raise FailedJobError(f"task {task.task_id} of job {job.job_id} failed (the job's other tasks were "
                                      f"cancelled); log: {task.paths.stderr}\n{trace}")
         time.sleep(poll_s)
     return job.results()
+
+
+def _cancel(job) -> None:
+    """``job.cancel``, and for a local job also SIGKILL to its tasks: submitit cancels a LocalJob by SIGINT to its
+    controller, which ignores SIGINT when the driver does (a script's ``cmd &`` starts it so, and children inherit
+    it), and then the peers wait in init_process_group for the whole distributed timeout."""
+    job.cancel(check=False)
+    controller = getattr(job, "_process", None)  # LocalJob's controller Popen (submitit keeps it private)
+    if controller is None:
+        return
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = stat.parent.name, stat.read_text().rsplit(")", 1)[1].split()[1]
+            if int(ppid) == controller.pid:
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, IndexError, ValueError):  # gone meanwhile, or not ours to kill
+            continue
 
 
 def run_sequential(plan: list[StagePlan], opts: LaunchOptions, state: dict, run_dir: Path, run_name: str) -> bool:
