@@ -126,7 +126,13 @@ def test_a_failed_task_cancels_its_waiting_peers(tmp_path, monkeypatch):
 
     executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
     executor.update_parameters(timeout_min=60, tasks_per_node=2)
-    job = executor.submit(_task_that_fails_or_waits, str(tmp_path))
+    # started as from a script's `cmd &`: SIGINT ignored, which the controller and tasks inherit (a cancel by SIGINT
+    # alone then never reaches the waiting peer)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        job = executor.submit(_task_that_fails_or_waits, str(tmp_path))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     with pytest.raises(Exception, match="EADDRINUSE"):
         wait_failing_fast(job, poll_s=0.2)
     peer = int((tmp_path / "task1.pid").read_text())
