@@ -3,7 +3,7 @@ demo's `stage2` job with config overrides, trained through the real trainer (Dee
 thread, two at a time) and evaluated on the run's eval split beside the Stage I export it starts from.
 
     python experiments/stage2_variants.py runs/NAME --seed 0 \
-        --variant answer_only: --variant anchor_lam1:stage2.align=true
+        --variant answer_only: --variant anchor_lam1:stage2.align=true [--set eval.split=val]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("run_dir", help="a finished `storms demo` run folder (its config.yaml, seedS/storms/stage1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", action="append", required=True, help="NAME:override,override (stage2.*, model.*)")
+    p.add_argument("--set", action="append", default=[], help="override for every variant and the start (eval.split=val)")
     p.add_argument("--parallel", type=int, default=2)
     args = p.parse_args()
     run_dir = Path(args.run_dir)
@@ -44,7 +45,7 @@ def main() -> None:
         raise SystemExit(f"{stage1_export}: no Stage I export (run `storms demo` with this run name first)")
     out_root = run_dir / "stage2_variants" / f"seed{args.seed}"
     variants = dict(parse_variant(v) for v in args.variant)
-    cfgs = {name: with_seed(load_config(RunConfig, run_dir / "config.yaml", overrides), args.seed)
+    cfgs = {name: with_seed(load_config(RunConfig, run_dir / "config.yaml", [*args.set, *overrides]), args.seed)
             for name, overrides in variants.items()}
 
     # Stage I trains the merger, so its export's tower would re-encode the thought videos into another space than
@@ -66,7 +67,7 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         exports = dict(zip(variants, pool.map(train, variants)))
-    base_cfg = with_seed(load_config(RunConfig, run_dir / "config.yaml"), args.seed)
+    base_cfg = with_seed(load_config(RunConfig, run_dir / "config.yaml", args.set), args.seed)
     tracker = Tracker(base_cfg.tracking, Path(base_cfg.runs_dir), is_main_process=True)
     rows = {"stage1 export (start)": (str(stage1_export), base_cfg), **{n: (exports[n], cfgs[n]) for n in variants}}
     print(f"| Stage II variant ({base_cfg.eval.split}, seed {args.seed}) | overrides | future_cell | current_cell |")

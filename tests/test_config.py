@@ -189,6 +189,7 @@ def test_override_into_scalar_is_an_error(tmp_path):
     (["stage2.mode=joint"], "stage2", "mode", "align: true"),
     (["stage1.rollout_weight=-1"], "stage1", "rollout_weight", ">= 0"),
     (["stage1.teacher_noise=-1"], "stage1", "teacher_noise", ">= 0"),
+    (["stage1.detach_chain=true"], "stage1", "detach_chain", "mode 'rollout'"),
     (["stage2.teacher_noise=0.5"], "stage2", "teacher_noise", "align: true"),
     (["model.num_latents=17"], "model", "num_latents", "max_latents (16)"),
     (["model.max_latents=4", "model.num_latents=5"], "model", "num_latents", "max_latents (4)"),

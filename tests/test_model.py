@@ -146,6 +146,33 @@ def test_joint_mode_adds_the_detached_rollouts_alignment(model, tokenizer, monke
         model(batch, layout, mode="joint")
 
 
+def test_detach_chain_keeps_the_rollout_values_and_cuts_its_gradient(model, tokenizer, monkeypatch):
+    """rollout + detach_chain (a Stage II variant): the same loss value as the full rollout; each latent enters the
+    next pass as a constant, while the answer CE still reaches the parameters."""
+    batch, layout = make_batch(model, tokenizer, num_latents=3)
+    with torch.no_grad():
+        full = model(batch, layout, mode="rollout")
+        cut = model(batch, layout, mode="rollout", detach_chain=True)
+    torch.testing.assert_close(cut.loss, full.loss)
+    latent_inputs = []
+    decoder = model.decoder
+
+    def recording_decoder(embeds_BTD, *args, **kwargs):
+        if embeds_BTD.shape[1] == 1:
+            latent_inputs.append(embeds_BTD)
+        return decoder(embeds_BTD, *args, **kwargs)
+
+    monkeypatch.setattr(model, "decoder", recording_decoder)
+    out = model(batch, layout, mode="rollout", detach_chain=True)
+    assert len(latent_inputs) == 3 and not any(x.requires_grad for x in latent_inputs)
+    assert out.loss.requires_grad
+    latent_inputs.clear()
+    model(batch, layout, mode="rollout")
+    assert all(x.requires_grad for x in latent_inputs)  # without the flag the chain carries gradient
+    with pytest.raises(ValueError, match="detach_chain.*rollout"):
+        model(batch, layout, mode="single", detach_chain=True)
+
+
 def test_teacher_noise_perturbs_the_slot_inputs_not_the_targets(model, tokenizer, monkeypatch):
     """teacher_noise: the teacher-forced slots get targets + std * N(0, 1); the alignment still compares to the clean
     targets, so the loss equals a clean pass on the noisy inputs aligned to the clean targets."""

@@ -164,6 +164,7 @@ class STORMSModel(nn.Module):
         targets_BKD: torch.Tensor | None = None,
         rollout_weight: float = 1.0,
         teacher_noise: float = 0.0,
+        detach_chain: bool = False,
     ) -> STORMSOutput:
         num_latents = layout.num_latents
         if targets_BKD is not None and num_latents == 0:
@@ -175,6 +176,8 @@ class STORMSModel(nn.Module):
         if teacher_noise and (mode not in ("single", "joint") or targets_BKD is None):
             raise ValueError(f"teacher_noise perturbs teacher-forced slot inputs: it needs targets and mode 'single' "
                              f"or 'joint', got mode {mode!r}")
+        if detach_chain and mode != "rollout":
+            raise ValueError(f"detach_chain cuts the gradient between rollout steps: it needs mode 'rollout', got {mode!r}")
         rollout_requested = mode in ("rollout", "joint")
         if mode == "rollout" and num_latents == 0:
             mode = "single"  # nothing to roll out: K=0 is one pass
@@ -206,7 +209,7 @@ class STORMSModel(nn.Module):
             out.latents_BKD = rolled.latents_BKD
         else:
             out = self._forward_mode(batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL,
-                                     num_steps, teacher_noise=teacher_noise)
+                                     num_steps, teacher_noise=teacher_noise, detach_inputs=detach_chain)
         if zero_term is not None:
             out.loss = out.loss + zero_term
         return out

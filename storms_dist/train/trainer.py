@@ -77,6 +77,9 @@ class StageConfig:
     teacher_noise: float = 0.0
     """single / joint with align: std of Gaussian noise added to the teacher-forced slot inputs (the targets they
     are aligned to stay clean), so each step learns to pull an imprecise state back onto the targets."""
+    detach_chain: bool = False
+    """rollout mode: each latent enters the next pass as a constant, so the answer CE (and the anchor) train each step
+    and the readout but send no gradient back along the chain (truncated backpropagation through the latent steps)."""
     align: bool = False
     """Add lambda * alignment to the thought-video targets: Stage I's objective; in Stage II (rollout mode) an anchor
     that keeps the answer-trained rollout on the targets Stage I aligned it to (the same cache)."""
@@ -96,6 +99,9 @@ class StageConfig:
             raise ValueError("mode: 'joint' aligns the latents to thought-video targets; set align: true (Stage I)")
         if self.rollout_weight < 0:
             raise ValueError(f"rollout_weight: expected >= 0, got {self.rollout_weight}")
+        if self.detach_chain and self.mode != "rollout":
+            raise ValueError(f"detach_chain: cuts the gradient between rollout steps; it needs mode 'rollout', got "
+                             f"{self.mode!r}")
         if self.teacher_noise < 0:
             raise ValueError(f"teacher_noise: expected >= 0, got {self.teacher_noise}")
         if self.teacher_noise and not (self.align and self.mode in ("single", "joint")):
@@ -432,6 +438,8 @@ class Trainer:
             extra = {"rollout_weight": stage_cfg.rollout_weight} if stage_cfg.mode == "joint" else {}
             if stage_cfg.teacher_noise:
                 extra["teacher_noise"] = stage_cfg.teacher_noise
+            if stage_cfg.detach_chain:
+                extra["detach_chain"] = True
             out = engine(batch, layout, mode=stage_cfg.mode, targets_BKD=targets, **extra)
             t2 = time.perf_counter()
             # all ranks agree before any backward: a non-finite loss anywhere drops this micro-batch everywhere
