@@ -26,7 +26,8 @@ from storms_dist.pipeline import with_seed
 from storms_dist.run_config import RunConfig
 from storms_dist.targets import TargetStore, apply_region_projection, build_targets, region_projection
 
-EXPORTS = {"Stage I export (STORMS's start)": "storms/stage1/export", "STORMS (I→II)": "storms/stage2/export",
+EXPORTS = {"K=0": "sft_k0/sft/export", "Stage II only": "stage2_only/stage2/export",
+           "Stage I export (STORMS's start)": "storms/stage1/export", "STORMS (I→II)": "storms/stage2/export",
            "Stage I only (continued)": "stage1_only/stage1_continued/export"}
 
 
@@ -72,7 +73,9 @@ def main() -> None:
         letter_ids = {c: tokenizer.convert_tokens_to_ids(c) for c in OPTION_LETTERS}
         kw = dict(limit=len(dataset))
         rolled = accuracy(model, collate, dataset, letter_ids, settings["num_latents"], **kw)
-        forced = accuracy(model, collate, dataset, letter_ids, settings["num_latents"], oracle=oracle, **kw)
+        forced = {}  # K=0 has no slots to write the targets into
+        if settings["num_latents"]:
+            forced = accuracy(model, collate, dataset, letter_ids, settings["num_latents"], oracle=oracle, **kw)
         print(f"| {name} | {rolled.get('future_cell', float('nan')):.1f} | {forced.get('future_cell', float('nan')):.1f}"
               f" | {rolled.get('current_cell', float('nan')):.1f} | {forced.get('current_cell', float('nan')):.1f} |",
               flush=True)
