@@ -176,6 +176,10 @@ def test_config_changes_ignores_what_a_resumption_may_change():
                "data": {"root": "b"}, "model": {"num_latents": 4}}
     assert config_changes(saved, current) == ["data.root", "model.num_latents"]
     assert config_changes(saved, saved) == []
+    # a field the saved config predates reads as its default: unchanged at the default, a change otherwise
+    defaults = {"model": {"num_latents": 4}}
+    assert config_changes(saved, current, defaults) == ["data.root"]
+    assert config_changes(saved, {**current, "model": {"num_latents": 8}}, defaults) == ["data.root", "model.num_latents"]
 
 
 def test_export_of_a_bare_zero3_checkpoint_has_the_engine_logits(tmp_path, reference):

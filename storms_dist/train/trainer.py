@@ -50,10 +50,11 @@ RESUMABLE_CHANGES = ("checkpoint.", "robustness.", "tracking.", "eval.", "demo."
                      "name")
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
+def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
     """Dotted keys whose values differ between two resolved configs (nested dicts), except what a resumption may
-    change (``RESUMABLE_CHANGES`` and every ``*.num_steps``)."""
-    saved, current = flatten(saved), flatten(current)
+    change (``RESUMABLE_CHANGES`` and every ``*.num_steps``). A key the saved config lacks reads as its value in
+    ``defaults``: a field added to the code after the checkpoint was written, left at its default, changes nothing."""
+    saved, current = {**flatten(defaults or {}), **flatten(saved)}, flatten(current)
     return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
                   and not k.startswith(RESUMABLE_CHANGES) and not k.endswith(".num_steps"))
 
@@ -234,7 +235,7 @@ class Trainer:
         saved_path = self.job.out_dir / "config.yaml"
         if not saved_path.is_file():
             return  # a checkpoint copied without its run folder: nothing to compare against
-        changes = config_changes(read_yaml(saved_path), to_dict(self.cfg))
+        changes = config_changes(read_yaml(saved_path), to_dict(self.cfg), defaults=to_dict(type(self.cfg)()))
         if changes:
             shown = ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
             raise ValueError(f"{self.job.out_dir}: its checkpoint {tag} was trained with a different config ({shown}); "
