@@ -5,7 +5,9 @@ teacher-forced pass), so the gap says how much of the answer the latents could c
 The eval split's targets are encoded by the seed's Stage 0 tower (the one the train cache was built with) and
 normalised with the *train* cache's projection, exactly as Stage I saw its targets.
 
-    python experiments/oracle_panel.py runs/seeds5_850 --seed 0 --set eval.split=val
+    python -m experiments.oracle_panel runs/seeds5_850 --seed 0 --set eval.split=val [--limit 300]
+
+(run as a module from the repository root: it reuses experiments/grid_recipe.py's scoring)
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def eval_targets(cfg: RunConfig, seed_dir: Path, samples) -> dict[str, torch.Ten
     with tempfile.TemporaryDirectory() as tmp:
         raw = build_targets(tower, samples, spec, cfg.data, Path(tmp) / "targets", num_latents=cfg.model.num_latents,
                             cfg=cfg.targets)
-        raw_eval = {uid: raw[[uid]][0] for uid in raw._targets}
+        uids = [s.uid for s in samples]
+        raw_eval = dict(zip(uids, raw[uids]))
     train = TargetStore(seed_dir / "targets")
     projection = region_projection(torch.stack(list(train._targets.values())))
     return {uid: apply_region_projection(t, projection) for uid, t in raw_eval.items()}
