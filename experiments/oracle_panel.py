@@ -26,7 +26,7 @@ from storms_dist.data.preprocess import VisionSpec
 from storms_dist.model.build import latent_token_ids, load_exported
 from storms_dist.pipeline import with_seed
 from storms_dist.run_config import RunConfig
-from storms_dist.targets import TargetStore, apply_region_projection, build_targets, region_projection
+from storms_dist.targets import TargetStore, apply_region_projection, build_targets
 
 EXPORTS = {"K=0": "sft_k0/sft/export", "Stage II only": "stage2_only/stage2/export",
            "Stage I export (STORMS's start)": "storms/stage1/export", "STORMS (I→II)": "storms/stage2/export",
@@ -44,8 +44,7 @@ def eval_targets(cfg: RunConfig, seed_dir: Path, samples) -> dict[str, torch.Ten
                             cfg=cfg.targets)
         uids = [s.uid for s in samples]
         raw_eval = dict(zip(uids, raw[uids]))
-    train = TargetStore(seed_dir / "targets")
-    projection = region_projection(torch.stack(list(train._targets.values())))
+    projection = TargetStore(seed_dir / "targets", normalize="region_pca").projection
     return {uid: apply_region_projection(t, projection) for uid, t in raw_eval.items()}
 
 

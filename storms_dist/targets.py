@@ -118,6 +118,8 @@ class TargetStore:
 
     def __init__(self, directory: Path, normalize: TargetNormalize = "none"):
         self.directory = Path(directory)
+        self.projection: RegionProjection | None = None
+        """region_pca: the panels' projection fitted on this cache (apply it to targets encoded elsewhere)."""
         self.stamp = json.loads((self.directory / STAMP_FILE).read_text())
         self._targets: dict[str, torch.Tensor] = {}
         for shard in sorted(self.directory.glob("shard-*.safetensors")):
@@ -130,8 +132,8 @@ class TargetStore:
             mean_KD, std_KD = standardization(torch.stack(list(self._targets.values())))
             self._targets = {uid: (t - mean_KD) / std_KD for uid, t in self._targets.items()}
         elif normalize == "region_pca":
-            projection = region_projection(torch.stack(list(self._targets.values())))
-            self._targets = {uid: apply_region_projection(t, projection) for uid, t in self._targets.items()}
+            self.projection = region_projection(torch.stack(list(self._targets.values())))
+            self._targets = {uid: apply_region_projection(t, self.projection) for uid, t in self._targets.items()}
 
     def __len__(self) -> int:
         return len(self._targets)

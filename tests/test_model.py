@@ -118,6 +118,19 @@ def test_gradient_reaches_first_latent_step(model, tokenizer, monkeypatch):
     assert torch.allclose(aligned.loss, aligned.ce + 0.1 * aligned.align, atol=1e-6)
 
 
+def record_latent_inputs(model, monkeypatch) -> list[torch.Tensor]:
+    """Patch the decoder to record every one-column input (the latent passes' slot embeddings) into the returned list."""
+    recorded, decoder = [], model.decoder
+
+    def recording_decoder(embeds_BTD, *args, **kwargs):
+        if embeds_BTD.shape[1] == 1:
+            recorded.append(embeds_BTD)
+        return decoder(embeds_BTD, *args, **kwargs)
+
+    monkeypatch.setattr(model, "decoder", recording_decoder)
+    return recorded
+
+
 def test_joint_mode_adds_the_detached_rollouts_alignment(model, tokenizer, monkeypatch):
     """Stage I joint: teacher-forced loss + w * lambda * MSE of the rolled-out latents, no gradient along the chain."""
     batch, layout = make_batch(model, tokenizer, num_latents=3)
@@ -130,15 +143,7 @@ def test_joint_mode_adds_the_detached_rollouts_alignment(model, tokenizer, monke
     rollout_align = F.mse_loss(rolled.latents_BKD, targets)
     torch.testing.assert_close(joint.align, rollout_align)
     torch.testing.assert_close(joint.loss, teacher.loss + 2.0 * model.align_weight * rollout_align)
-    latent_inputs = []
-    decoder = model.decoder
-
-    def recording_decoder(embeds_BTD, *args, **kwargs):
-        if embeds_BTD.shape[1] == 1:
-            latent_inputs.append(embeds_BTD)
-        return decoder(embeds_BTD, *args, **kwargs)
-
-    monkeypatch.setattr(model, "decoder", recording_decoder)
+    latent_inputs = record_latent_inputs(model, monkeypatch)
     out = model(batch, layout, mode="joint", targets_BKD=targets)
     assert len(latent_inputs) == 3 and not any(x.requires_grad for x in latent_inputs)  # the chain is cut
     assert out.loss.requires_grad
@@ -154,15 +159,7 @@ def test_detach_chain_keeps_the_rollout_values_and_cuts_its_gradient(model, toke
         full = model(batch, layout, mode="rollout")
         cut = model(batch, layout, mode="rollout", detach_chain=True)
     torch.testing.assert_close(cut.loss, full.loss)
-    latent_inputs = []
-    decoder = model.decoder
-
-    def recording_decoder(embeds_BTD, *args, **kwargs):
-        if embeds_BTD.shape[1] == 1:
-            latent_inputs.append(embeds_BTD)
-        return decoder(embeds_BTD, *args, **kwargs)
-
-    monkeypatch.setattr(model, "decoder", recording_decoder)
+    latent_inputs = record_latent_inputs(model, monkeypatch)
     out = model(batch, layout, mode="rollout", detach_chain=True)
     assert len(latent_inputs) == 3 and not any(x.requires_grad for x in latent_inputs)
     assert out.loss.requires_grad
