@@ -151,6 +151,31 @@ def test_joint_mode_adds_the_detached_rollouts_alignment(model, tokenizer, monke
         model(batch, layout, mode="joint")
 
 
+def test_joint_answer_pass_moves_the_answer_ce_onto_the_rollout(model, tokenizer, monkeypatch):
+    """joint + answer_pass (a Stage II variant, session 22): 'rollout' = lambda * teacher-forced alignment + the
+    rollout's CE + w * lambda * the rollout's alignment; 'both' keeps the teacher's CE too; chain_grad lets the
+    gradient flow along the chain."""
+    batch, layout = make_batch(model, tokenizer, num_latents=3)
+    targets = torch.randn(len(GRIDS_THW), 3, model.text_config.hidden_size)
+    lam = model.align_weight
+    with torch.no_grad():
+        teacher = model(batch, layout, mode="single", targets_BKD=targets)
+        rolled = model(batch, layout, mode="rollout", targets_BKD=targets)
+        from_rollout = model(batch, layout, mode="joint", targets_BKD=targets, rollout_weight=2.0, answer_pass="rollout")
+        both = model(batch, layout, mode="joint", targets_BKD=targets, rollout_weight=2.0, answer_pass="both")
+    torch.testing.assert_close(from_rollout.loss, lam * teacher.align + rolled.ce + 2.0 * lam * rolled.align)
+    torch.testing.assert_close(both.loss, teacher.loss + rolled.ce + 2.0 * lam * rolled.align)
+    torch.testing.assert_close(from_rollout.ce, rolled.ce)
+    latent_inputs = record_latent_inputs(model, monkeypatch)
+    model(batch, layout, mode="joint", targets_BKD=targets, answer_pass="rollout")
+    assert len(latent_inputs) == 3 and not any(x.requires_grad for x in latent_inputs)
+    latent_inputs.clear()
+    model(batch, layout, mode="joint", targets_BKD=targets, answer_pass="rollout", chain_grad=True)
+    assert all(x.requires_grad for x in latent_inputs)
+    with pytest.raises(ValueError, match="answer_pass.*joint"):
+        model(batch, layout, mode="rollout", answer_pass="rollout")
+
+
 def test_detach_chain_keeps_the_rollout_values_and_cuts_its_gradient(model, tokenizer, monkeypatch):
     """rollout + detach_chain (a Stage II variant): the same loss value as the full rollout; each latent enters the
     next pass as a constant, while the answer CE still reaches the parameters."""

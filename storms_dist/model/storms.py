@@ -12,6 +12,9 @@ Forward modes (one ``nn.Module.forward`` so a DeepSpeed engine can wrap it; ZeRO
   teacher-forced pass learns each step from true inputs; the rollout term teaches the steps to correct their own
   errors -- the one Stage I under which the rolled-out latents approached the targets (docs/results.md, session 6).
   ``teacher_noise`` (single / joint with targets) adds Gaussian noise to the teacher-forced slot inputs only.
+  ``answer_pass`` picks whose answer CE trains (the teacher-forced pass's, the rollout's, or both) and ``chain_grad``
+  lets the rollout's gradient flow along the chain: the joint objective with the answer read as inference reads it
+  (docs/results.md, session 22: it lost to the teacher's answer on never-seen pairs).
 
 The latent state aligned with slot k is the hidden state of the position before it -- exactly the embedding the
 rollout feeds into slot k -- so both modes align the same quantity.
@@ -41,6 +44,7 @@ from storms_dist.model.registry import BackboneSpec
 from storms_dist.train.distributed import all_reduce_max
 
 ForwardMode = Literal["single", "rollout", "joint"]
+AnswerPass = Literal["teacher", "rollout", "both"]
 
 
 @dataclass
@@ -165,6 +169,8 @@ class STORMSModel(nn.Module):
         rollout_weight: float = 1.0,
         teacher_noise: float = 0.0,
         detach_chain: bool = False,
+        answer_pass: AnswerPass = "teacher",
+        chain_grad: bool = False,
     ) -> STORMSOutput:
         num_latents = layout.num_latents
         if targets_BKD is not None and num_latents == 0:
@@ -176,6 +182,11 @@ class STORMSModel(nn.Module):
         if teacher_noise and (mode not in ("single", "joint") or targets_BKD is None):
             raise ValueError(f"teacher_noise perturbs teacher-forced slot inputs: it needs targets and mode 'single' "
                              f"or 'joint', got mode {mode!r}")
+        if (answer_pass != "teacher" or chain_grad) and mode != "joint":
+            raise ValueError(f"answer_pass / chain_grad choose joint mode's answer pass and rollout gradient; got mode "
+                             f"{mode!r}")
+        if answer_pass not in ("teacher", "rollout", "both"):
+            raise ValueError(f"answer_pass: expected 'teacher', 'rollout' or 'both', got {answer_pass!r}")
         if detach_chain and mode != "rollout":
             raise ValueError(f"detach_chain cuts the gradient between rollout steps: it needs mode 'rollout', got {mode!r}")
         rollout_requested = mode in ("rollout", "joint")
@@ -202,8 +213,15 @@ class STORMSModel(nn.Module):
             out = self._forward_mode(batch, layout, "single", targets_BKD, embeds_BLD, pos_3BL, visual,
                                      video_mask_BL, num_steps, teacher_noise=teacher_noise)
             rolled = self._forward_mode(batch, layout, "rollout", targets_BKD, embeds_BLD, pos_3BL, visual,
-                                        video_mask_BL, num_steps, detach_inputs=True, latents_only=True)
+                                        video_mask_BL, num_steps, detach_inputs=not chain_grad,
+                                        latents_only=answer_pass == "teacher")
             rollout_align = alignment_loss(rolled.latents_BKD, targets_BKD, self.align_loss)
+            if answer_pass != "teacher":  # the answer CE read through the model's own latents, as inference reads it
+                rollout_ce = rolled.loss - self.align_weight * rollout_align
+                if answer_pass == "rollout":  # the teacher-forced pass keeps only its alignment
+                    out.loss = self.align_weight * alignment_loss(out.latents_BKD, targets_BKD, self.align_loss)
+                out.loss = out.loss + rollout_ce
+                out.ce = rolled.ce
             out.loss = out.loss + rollout_weight * self.align_weight * rollout_align
             out.align = rollout_align.detach()  # what inference sees: the rolled-out latents' distance
             out.latents_BKD = rolled.latents_BKD

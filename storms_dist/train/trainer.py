@@ -81,6 +81,11 @@ class StageConfig:
     detach_chain: bool = False
     """rollout mode: each latent enters the next pass as a constant, so the answer CE (and the anchor) train each step
     and the readout but send no gradient back along the chain (truncated backpropagation through the latent steps)."""
+    answer_pass: Literal["teacher", "rollout", "both"] = "teacher"
+    """joint mode: whose answer CE trains -- the teacher-forced pass's (Stage I), the rollout's (the answer read through
+    the model's own latents, as inference reads it; the teacher-forced pass then only aligns), or both."""
+    chain_grad: bool = False
+    """joint mode: the rollout's gradient also flows back along the latent chain (joint cuts it between steps)."""
     align: bool = False
     """Add lambda * alignment to the thought-video targets: Stage I's objective; in Stage II (rollout mode) an anchor
     that keeps the answer-trained rollout on the targets Stage I aligned it to (the same cache)."""
@@ -103,6 +108,10 @@ class StageConfig:
         if self.detach_chain and self.mode != "rollout":
             raise ValueError(f"detach_chain: cuts the gradient between rollout steps; it needs mode 'rollout', got "
                              f"{self.mode!r}")
+        for name, value in (("answer_pass", self.answer_pass != "teacher"), ("chain_grad", self.chain_grad)):
+            if value and self.mode != "joint":
+                raise ValueError(f"{name}: shapes joint mode's answer pass and rollout; it needs mode 'joint', got "
+                                 f"{self.mode!r}")
         if self.teacher_noise < 0:
             raise ValueError(f"teacher_noise: expected >= 0, got {self.teacher_noise}")
         if self.teacher_noise and not (self.align and self.mode in ("single", "joint")):
@@ -436,7 +445,8 @@ class Trainer:
             uids = batch.pop("uids")
             targets = self.targets[uids] if self.targets is not None else None
             t1 = time.perf_counter()
-            extra = {"rollout_weight": stage_cfg.rollout_weight} if stage_cfg.mode == "joint" else {}
+            extra = ({"rollout_weight": stage_cfg.rollout_weight, "answer_pass": stage_cfg.answer_pass,
+                      "chain_grad": stage_cfg.chain_grad} if stage_cfg.mode == "joint" else {})
             if stage_cfg.teacher_noise:
                 extra["teacher_noise"] = stage_cfg.teacher_noise
             if stage_cfg.detach_chain:
