@@ -25,7 +25,7 @@ def _rollout(model, batch, layout, backend, *, num_steps=None, targets=None):
         model.zero_grad()
         visual = model.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
         embeds = model.input_embeddings(batch["input_ids"], visual)
-        out = model._forward_mode(batch, layout, "rollout", targets, embeds, model.rope_positions(batch), visual,
+        out = model._forward_mode("rollout", batch, layout, targets, embeds, model.rope_positions(batch), visual,
                                   batch["input_ids"] == model.video_token_id,
                                   layout.num_latents if num_steps is None else num_steps)
         out.loss.backward()

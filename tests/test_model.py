@@ -299,7 +299,7 @@ def test_masked_extra_latent_steps_leave_the_result_exact(model, tokenizer):
         model.zero_grad()
         visual = model.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
         embeds = model.input_embeddings(batch["input_ids"], visual)
-        out = model._forward_mode(batch, layout, "rollout", None, embeds, model.rope_positions(batch), visual,
+        out = model._forward_mode("rollout", batch, layout, None, embeds, model.rope_positions(batch), visual,
                                   batch["input_ids"] == model.video_token_id, num_steps)
         out.loss.backward()
         return out.loss.item(), grads(model)

@@ -66,6 +66,27 @@ class STORMSOutput(ModelOutput):
     latents_BKD: torch.Tensor | None = None
 
 
+def check_forward_options(mode: ForwardMode, num_latents: int, targets_BKD: torch.Tensor | None, *,
+                          teacher_noise: float, detach_chain: bool, answer_pass: AnswerPass, chain_grad: bool) -> None:
+    """Each forward option belongs to some modes; a wrong combination is a clear error, not a silently ignored flag."""
+    if targets_BKD is not None and num_latents == 0:
+        raise ValueError("alignment targets given but the batch has no latent slots (K=0)")
+    if targets_BKD is not None and targets_BKD.shape[1] != num_latents:
+        raise ValueError(f"targets have {targets_BKD.shape[1]} slots, batch has K={num_latents}")
+    if mode == "joint" and targets_BKD is None:
+        raise ValueError("mode 'joint' is a Stage I mode: it needs thought-video targets (stage align: true)")
+    if teacher_noise and (mode not in ("single", "joint") or targets_BKD is None):
+        raise ValueError(f"teacher_noise perturbs teacher-forced slot inputs: it needs targets and mode 'single' "
+                         f"or 'joint', got mode {mode!r}")
+    if answer_pass not in ("teacher", "rollout", "both"):
+        raise ValueError(f"answer_pass: expected 'teacher', 'rollout' or 'both', got {answer_pass!r}")
+    if (answer_pass != "teacher" or chain_grad) and mode != "joint":
+        raise ValueError(f"answer_pass / chain_grad choose joint mode's answer pass and rollout gradient; got mode "
+                         f"{mode!r}")
+    if detach_chain and mode != "rollout":
+        raise ValueError(f"detach_chain cuts the gradient between rollout steps: it needs mode 'rollout', got {mode!r}")
+
+
 class STORMSModel(nn.Module):
     def __init__(
         self,
@@ -173,22 +194,8 @@ class STORMSModel(nn.Module):
         chain_grad: bool = False,
     ) -> STORMSOutput:
         num_latents = layout.num_latents
-        if targets_BKD is not None and num_latents == 0:
-            raise ValueError("alignment targets given but the batch has no latent slots (K=0)")
-        if targets_BKD is not None and targets_BKD.shape[1] != num_latents:
-            raise ValueError(f"targets have {targets_BKD.shape[1]} slots, batch has K={num_latents}")
-        if mode == "joint" and targets_BKD is None:
-            raise ValueError("mode 'joint' is a Stage I mode: it needs thought-video targets (stage align: true)")
-        if teacher_noise and (mode not in ("single", "joint") or targets_BKD is None):
-            raise ValueError(f"teacher_noise perturbs teacher-forced slot inputs: it needs targets and mode 'single' "
-                             f"or 'joint', got mode {mode!r}")
-        if (answer_pass != "teacher" or chain_grad) and mode != "joint":
-            raise ValueError(f"answer_pass / chain_grad choose joint mode's answer pass and rollout gradient; got mode "
-                             f"{mode!r}")
-        if answer_pass not in ("teacher", "rollout", "both"):
-            raise ValueError(f"answer_pass: expected 'teacher', 'rollout' or 'both', got {answer_pass!r}")
-        if detach_chain and mode != "rollout":
-            raise ValueError(f"detach_chain cuts the gradient between rollout steps: it needs mode 'rollout', got {mode!r}")
+        check_forward_options(mode, num_latents, targets_BKD, teacher_noise=teacher_noise, detach_chain=detach_chain,
+                              answer_pass=answer_pass, chain_grad=chain_grad)
         rollout_requested = mode in ("rollout", "joint")
         if mode == "rollout" and num_latents == 0:
             mode = "single"  # nothing to roll out: K=0 is one pass
@@ -209,27 +216,35 @@ class STORMSModel(nn.Module):
         pos_3BL = self.rope_positions(batch)
         embeds_BLD = self.input_embeddings(input_ids, visual)
         video_mask_BL = input_ids == self.video_token_id
+        inputs = (batch, layout, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps)  # what every pass reads
         if mode == "joint":
-            out = self._forward_mode(batch, layout, "single", targets_BKD, embeds_BLD, pos_3BL, visual,
-                                     video_mask_BL, num_steps, teacher_noise=teacher_noise)
-            rolled = self._forward_mode(batch, layout, "rollout", targets_BKD, embeds_BLD, pos_3BL, visual,
-                                        video_mask_BL, num_steps, detach_inputs=not chain_grad,
-                                        latents_only=answer_pass == "teacher")
-            rollout_align = alignment_loss(rolled.latents_BKD, targets_BKD, self.align_loss)
-            if answer_pass != "teacher":  # the answer CE read through the model's own latents, as inference reads it
-                rollout_ce = rolled.loss - self.align_weight * rollout_align
-                if answer_pass == "rollout":  # the teacher-forced pass keeps only its alignment
-                    out.loss = self.align_weight * alignment_loss(out.latents_BKD, targets_BKD, self.align_loss)
-                out.loss = out.loss + rollout_ce
-                out.ce = rolled.ce
-            out.loss = out.loss + rollout_weight * self.align_weight * rollout_align
-            out.align = rollout_align.detach()  # what inference sees: the rolled-out latents' distance
-            out.latents_BKD = rolled.latents_BKD
+            out = self._joint(inputs, rollout_weight=rollout_weight, teacher_noise=teacher_noise,
+                              answer_pass=answer_pass, chain_grad=chain_grad)
         else:
-            out = self._forward_mode(batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL,
-                                     num_steps, teacher_noise=teacher_noise, detach_inputs=detach_chain)
+            out = self._forward_mode(mode, *inputs, teacher_noise=teacher_noise, detach_inputs=detach_chain)
         if zero_term is not None:
             out.loss = out.loss + zero_term
+        return out
+
+    def _joint(self, inputs, *, rollout_weight: float, teacher_noise: float, answer_pass: AnswerPass,
+               chain_grad: bool) -> STORMSOutput:
+        """Teacher-forced pass (answer CE + lambda * alignment) + rollout_weight * lambda * the rollout's alignment;
+        ``answer_pass`` moves the answer CE onto the rollout or adds it there, ``chain_grad`` keeps the chain's
+        gradient (cut by default: each step learns from its own input as given)."""
+        targets_BKD = inputs[2]
+        out = self._forward_mode("single", *inputs, teacher_noise=teacher_noise)
+        rolled = self._forward_mode("rollout", *inputs, detach_inputs=not chain_grad,
+                                    latents_only=answer_pass == "teacher")
+        rollout_align = alignment_loss(rolled.latents_BKD, targets_BKD, self.align_loss)
+        if answer_pass != "teacher":  # the answer CE read through the model's own latents, as inference reads it
+            rollout_ce = rolled.loss - self.align_weight * rollout_align
+            if answer_pass == "rollout":  # the teacher-forced pass keeps only its alignment
+                out.loss = self.align_weight * alignment_loss(out.latents_BKD, targets_BKD, self.align_loss)
+            out.loss = out.loss + rollout_ce
+            out.ce = rolled.ce
+        out.loss = out.loss + rollout_weight * self.align_weight * rollout_align
+        out.align = rollout_align.detach()  # what inference sees: the rolled-out latents' distance
+        out.latents_BKD = rolled.latents_BKD
         return out
 
     def _dummy_visual_term(self) -> torch.Tensor:
@@ -245,7 +260,7 @@ class STORMSModel(nn.Module):
             term = term + feature.sum()
         return term * 0.0
 
-    def _forward_mode(self, batch, layout, mode, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps,
+    def _forward_mode(self, mode, batch, layout, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps,
                       *, detach_inputs: bool = False, latents_only: bool = False, teacher_noise: float = 0.0):
         num_latents, attention_mask = layout.num_latents, batch["attention_mask"]
         P, S0 = layout.prefix_len, layout.suffix_start
