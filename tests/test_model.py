@@ -161,7 +161,8 @@ def test_joint_answer_pass_moves_the_answer_ce_onto_the_rollout(model, tokenizer
     with torch.no_grad():
         teacher = model(batch, layout, mode="single", targets_BKD=targets)
         rolled = model(batch, layout, mode="rollout", targets_BKD=targets)
-        from_rollout = model(batch, layout, mode="joint", targets_BKD=targets, rollout_weight=2.0, answer_pass="rollout")
+        from_rollout = model(batch, layout, mode="joint", targets_BKD=targets, rollout_weight=2.0,
+                             answer_pass="rollout")
         both = model(batch, layout, mode="joint", targets_BKD=targets, rollout_weight=2.0, answer_pass="both")
     torch.testing.assert_close(from_rollout.loss, lam * teacher.align + rolled.ce + 2.0 * lam * rolled.align)
     torch.testing.assert_close(both.loss, teacher.loss + rolled.ce + 2.0 * lam * rolled.align)

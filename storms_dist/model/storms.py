@@ -216,7 +216,8 @@ class STORMSModel(nn.Module):
         pos_3BL = self.rope_positions(batch)
         embeds_BLD = self.input_embeddings(input_ids, visual)
         video_mask_BL = input_ids == self.video_token_id
-        inputs = (batch, layout, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps)  # what every pass reads
+        # what every pass reads
+        inputs = (batch, layout, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps)
         if mode == "joint":
             out = self._joint(inputs, rollout_weight=rollout_weight, teacher_noise=teacher_noise,
                               answer_pass=answer_pass, chain_grad=chain_grad)
