@@ -110,8 +110,8 @@ class StageConfig:
                              f"{self.mode!r}")
         for name, value in (("answer_pass", self.answer_pass != "teacher"), ("chain_grad", self.chain_grad)):
             if value and self.mode != "joint":
-                raise ValueError(f"{name}: shapes joint mode's answer pass and rollout; it needs mode 'joint', got "
-                                 f"{self.mode!r}")
+                raise ValueError(f"{name}: chooses between joint mode's teacher-forced and rolled-out passes; it needs "
+                                 f"mode 'joint', got {self.mode!r}")
         if self.teacher_noise < 0:
             raise ValueError(f"teacher_noise: expected >= 0, got {self.teacher_noise}")
         if self.teacher_noise and not (self.align and self.mode in ("single", "joint")):
