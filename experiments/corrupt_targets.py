@@ -45,12 +45,12 @@ def main() -> None:
         raise SystemExit(f"{args.source}: regions {stamp.get('regions', 1)}; the scene panel needs regions >= 2")
     if args.dest.exists():
         raise SystemExit(f"{args.dest}: exists; remove it first")
-    shards = sorted(args.source.glob("shard-*.safetensors"))
-    targets = {uid: t for shard in shards for uid, t in load_file(shard).items()}
+    shards = {shard: list(load_file(shard).items()) for shard in sorted(args.source.glob("shard-*.safetensors"))}
+    targets = {uid: t for items in shards.values() for uid, t in items}
     corrupted, count = corrupt(targets, args.fraction, args.seed)
     args.dest.mkdir(parents=True)
-    for shard in shards:
-        save_file({uid: corrupted[uid].contiguous() for uid in load_file(shard)}, str(args.dest / shard.name))
+    for shard, items in shards.items():  # the source's sharding, each shard read once
+        save_file({uid: corrupted[uid].contiguous() for uid, _ in items}, str(args.dest / shard.name))
     shutil.copy(args.source / STAMP_FILE, args.dest / STAMP_FILE)
     print(f"{args.dest}: scene panel swapped on {count} of {len(targets)} samples")
 

@@ -73,11 +73,11 @@ def main() -> None:
         dataset = VideoQADataset(samples, tokenizer, spec, cfg.data)
         collate = LatentCollator(latent_token_ids(tokenizer), tokenizer.pad_token_id, settings["num_latents"])
         letter_ids = {c: tokenizer.convert_tokens_to_ids(c) for c in OPTION_LETTERS}
-        kw = dict(limit=len(dataset))
-        rolled = accuracy(model, collate, dataset, letter_ids, settings["num_latents"], **kw)
+        rolled = accuracy(model, collate, dataset, letter_ids, settings["num_latents"], limit=len(dataset))
         forced = {}  # K=0 has no slots to write the targets into
         if settings["num_latents"]:
-            forced = accuracy(model, collate, dataset, letter_ids, settings["num_latents"], oracle=oracle, **kw)
+            forced = accuracy(model, collate, dataset, letter_ids, settings["num_latents"], oracle=oracle,
+                              limit=len(dataset))
         print(f"| {name} | {rolled.get('future_cell', float('nan')):.1f} | {forced.get('future_cell', float('nan')):.1f}"
               f" | {rolled.get('current_cell', float('nan')):.1f} | {forced.get('current_cell', float('nan')):.1f} |",
               flush=True)

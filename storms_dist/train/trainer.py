@@ -445,13 +445,12 @@ class Trainer:
             uids = batch.pop("uids")
             targets = self.targets[uids] if self.targets is not None else None
             t1 = time.perf_counter()
-            extra = ({"rollout_weight": stage_cfg.rollout_weight, "answer_pass": stage_cfg.answer_pass,
-                      "chain_grad": stage_cfg.chain_grad} if stage_cfg.mode == "joint" else {})
-            if stage_cfg.teacher_noise:
-                extra["teacher_noise"] = stage_cfg.teacher_noise
-            if stage_cfg.detach_chain:
-                extra["detach_chain"] = True
-            out = engine(batch, layout, mode=stage_cfg.mode, targets_BKD=targets, **extra)
+            # every option at its configured value: at its default each is a no-op, and the model rejects a
+            # combination its mode does not have (StageConfig already did, with the config field's name)
+            out = engine(batch, layout, mode=stage_cfg.mode, targets_BKD=targets,
+                         rollout_weight=stage_cfg.rollout_weight, teacher_noise=stage_cfg.teacher_noise,
+                         detach_chain=stage_cfg.detach_chain, answer_pass=stage_cfg.answer_pass,
+                         chain_grad=stage_cfg.chain_grad)
             t2 = time.perf_counter()
             # all ranks agree before any backward: a non-finite loss anywhere drops this micro-batch everywhere
             if all_reduce_max([0.0 if torch.isfinite(out.loss).item() else 1.0])[0] > 0:
