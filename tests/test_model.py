@@ -177,6 +177,49 @@ def test_joint_answer_pass_moves_the_answer_ce_onto_the_rollout(model, tokenizer
         model(batch, layout, mode="rollout", answer_pass="rollout")
 
 
+def test_answer_grad_latents_trains_the_weights_only_through_the_latent_states(model, tokenizer):
+    """rollout + answer_grad='latents' (a Stage II variant, session 23): the reported CE is the rollout's; the
+    gradient is dCE/dz * dz/dtheta, computed here by autograd from an explicit z, and it differs from the full
+    gradient, which also fits the readout; with targets the anchor adds lambda * the rollout's alignment."""
+    batch, layout = make_batch(model, tokenizer, num_latents=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(loss):
+        return [torch.zeros_like(p) if g is None else g
+                for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+
+    out = model(batch, layout, mode="rollout", answer_grad="latents")
+    full = model(batch, layout, mode="rollout")
+    torch.testing.assert_close(out.ce, full.ce)
+    torch.testing.assert_close(out.loss, torch.zeros_like(out.loss), atol=1e-6, rtol=0)
+    latents_BKD = model(batch, layout, mode="rollout").latents_BKD  # the slot inputs, with the chain's graph
+    live = model._forward_mode("single", batch, layout, None, *reference_inputs(model, batch, layout),
+                               slot_inputs_BKD=latents_BKD)
+    torch.testing.assert_close(live.ce, full.ce)  # the naive pass with z in the slots is the rollout
+    (dce_dz,) = torch.autograd.grad(live.loss, latents_BKD, retain_graph=True)
+    expected = grads((latents_BKD * dce_dz).sum())
+    got, full_grads = grads(out.loss), grads(full.loss)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    assert sum((g - f).abs().sum() for g, f in zip(got, full_grads)) > 1e-3  # the readout's own gradient is gone
+    targets = torch.randn(len(GRIDS_THW), 3, model.text_config.hidden_size)
+    with torch.no_grad():
+        anchored = model(batch, layout, mode="rollout", targets_BKD=targets, answer_grad="latents")
+        rolled = model(batch, layout, mode="rollout", targets_BKD=targets)
+    torch.testing.assert_close(anchored.loss, model.align_weight * rolled.align, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(anchored.align, rolled.align)
+    with pytest.raises(ValueError, match="answer_grad.*rollout"):
+        model(batch, layout, mode="single", answer_grad="latents")
+
+
+def reference_inputs(model, batch, layout):
+    """What forward() computes once for every pass: embeddings, positions, visual features, masks, K."""
+    visual = model.encode_video(batch["pixel_values_videos"], batch["video_grid_thw"])
+    embeds = model.input_embeddings(batch["input_ids"], visual)
+    return (embeds, model.rope_positions(batch), visual, batch["input_ids"] == model.video_token_id,
+            layout.num_latents)
+
+
 def test_detach_chain_keeps_the_rollout_values_and_cuts_its_gradient(model, tokenizer, monkeypatch):
     """rollout + detach_chain (a Stage II variant): the same loss value as the full rollout; each latent enters the
     next pass as a constant, while the answer CE still reaches the parameters."""

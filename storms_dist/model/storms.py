@@ -15,6 +15,8 @@ Forward modes (one ``nn.Module.forward`` so a DeepSpeed engine can wrap it; ZeRO
   ``answer_pass`` picks whose answer CE trains (the teacher-forced pass's, the rollout's, or both) and ``chain_grad``
   lets the rollout's gradient flow along the chain: the joint objective with the answer read as inference reads it
   (docs/results.md, session 22: it lost to the teacher's answer on never-seen pairs).
+  ``answer_grad`` (rollout mode): ``latents`` lets the answer CE reach the weights only through the rolled-out
+  latent states, so Stage II can change what the latents hold but not how the answer is read from them.
 
 The latent state aligned with slot k is the hidden state of the position before it -- exactly the embedding the
 rollout feeds into slot k -- so both modes align the same quantity.
@@ -45,6 +47,7 @@ from storms_dist.train.distributed import all_reduce_max
 
 ForwardMode = Literal["single", "rollout", "joint"]
 AnswerPass = Literal["teacher", "rollout", "both"]
+AnswerGrad = Literal["all", "latents"]
 
 
 @dataclass
@@ -67,7 +70,8 @@ class STORMSOutput(ModelOutput):
 
 
 def check_forward_options(mode: ForwardMode, num_latents: int, targets_BKD: torch.Tensor | None, *,
-                          teacher_noise: float, detach_chain: bool, answer_pass: AnswerPass, chain_grad: bool) -> None:
+                          teacher_noise: float, detach_chain: bool, answer_pass: AnswerPass, chain_grad: bool,
+                          answer_grad: AnswerGrad = "all") -> None:
     """Each forward option belongs to some modes; a wrong combination is a clear error, not a silently ignored flag."""
     if targets_BKD is not None and num_latents == 0:
         raise ValueError("alignment targets given but the batch has no latent slots (K=0)")
@@ -85,6 +89,11 @@ def check_forward_options(mode: ForwardMode, num_latents: int, targets_BKD: torc
                          f"{mode!r}")
     if detach_chain and mode != "rollout":
         raise ValueError(f"detach_chain cuts the gradient between rollout steps: it needs mode 'rollout', got {mode!r}")
+    if answer_grad not in ("all", "latents"):
+        raise ValueError(f"answer_grad: expected 'all' or 'latents', got {answer_grad!r}")
+    if answer_grad == "latents" and (mode != "rollout" or num_latents == 0):
+        raise ValueError(f"answer_grad 'latents' routes the rollout's answer CE through its latent states: it needs "
+                         f"mode 'rollout' and K > 0, got mode {mode!r}, K={num_latents}")
 
 
 class STORMSModel(nn.Module):
@@ -192,10 +201,11 @@ class STORMSModel(nn.Module):
         detach_chain: bool = False,
         answer_pass: AnswerPass = "teacher",
         chain_grad: bool = False,
+        answer_grad: AnswerGrad = "all",
     ) -> STORMSOutput:
         num_latents = layout.num_latents
         check_forward_options(mode, num_latents, targets_BKD, teacher_noise=teacher_noise, detach_chain=detach_chain,
-                              answer_pass=answer_pass, chain_grad=chain_grad)
+                              answer_pass=answer_pass, chain_grad=chain_grad, answer_grad=answer_grad)
         rollout_requested = mode in ("rollout", "joint")
         if mode == "rollout" and num_latents == 0:
             mode = "single"  # nothing to roll out: K=0 is one pass
@@ -221,6 +231,8 @@ class STORMSModel(nn.Module):
         if mode == "joint":
             out = self._joint(inputs, rollout_weight=rollout_weight, teacher_noise=teacher_noise,
                               answer_pass=answer_pass, chain_grad=chain_grad)
+        elif answer_grad == "latents":
+            out = self._answer_through_latents(inputs, detach_chain=detach_chain)
         else:
             out = self._forward_mode(mode, *inputs, teacher_noise=teacher_noise, detach_inputs=detach_chain)
         if zero_term is not None:
@@ -248,6 +260,24 @@ class STORMSModel(nn.Module):
         out.latents_BKD = rolled.latents_BKD
         return out
 
+    def _answer_through_latents(self, inputs, *, detach_chain: bool) -> STORMSOutput:
+        """Rollout-mode loss whose answer CE reaches the weights only through the rolled-out latent states z: the
+        CE of one pass with z in the slots minus the CE of the same pass with z held constant. Both terms share the
+        weights' direct gradient, so the difference keeps only dCE/dz * dz/dtheta (its value is 0; the reported CE is
+        the live pass's). The readout Stage I learned is not trained to fit the answers by itself (docs/results.md,
+        session 23). Two full passes after the latent steps instead of one suffix pass; every rank runs them all."""
+        targets_BKD = inputs[2]
+        rolled = self._forward_mode("rollout", *inputs, detach_inputs=detach_chain, latents_only=True)
+        live = self._forward_mode("single", *inputs, slot_inputs_BKD=rolled.latents_BKD)
+        held = self._forward_mode("single", *inputs, slot_inputs_BKD=rolled.latents_BKD.detach())
+        loss = live.loss - held.loss
+        out = STORMSOutput(loss=loss, ce=live.ce, num_answer_tokens=live.num_answer_tokens,
+                           latents_BKD=rolled.latents_BKD)
+        if targets_BKD is not None:  # Stage II's anchor on Stage I's targets
+            align = alignment_loss(rolled.latents_BKD, targets_BKD, self.align_loss)
+            out.loss, out.align = loss + self.align_weight * align, align.detach()
+        return out
+
     def _dummy_visual_term(self) -> torch.Tensor:
         """Vision tower + merger on the smallest valid video (one temporal patch, one merged token), times 0."""
         vision_config = self.backbone.config.vision_config
@@ -262,12 +292,18 @@ class STORMSModel(nn.Module):
         return term * 0.0
 
     def _forward_mode(self, mode, batch, layout, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps,
-                      *, detach_inputs: bool = False, latents_only: bool = False, teacher_noise: float = 0.0):
+                      *, detach_inputs: bool = False, latents_only: bool = False, teacher_noise: float = 0.0,
+                      slot_inputs_BKD: torch.Tensor | None = None):
+        """``slot_inputs_BKD`` (single mode): these states in the slots, answer CE only (no alignment)."""
         num_latents, attention_mask = layout.num_latents, batch["attention_mask"]
         P, S0 = layout.prefix_len, layout.suffix_start
 
         if mode == "single":
-            if targets_BKD is not None:
+            if slot_inputs_BKD is not None:
+                targets_BKD = None
+                embeds_BLD = embeds_BLD.clone()
+                embeds_BLD[:, layout.slots] = slot_inputs_BKD.to(embeds_BLD.dtype)
+            elif targets_BKD is not None:
                 # teacher_noise: the step learns to map a perturbed state back onto the clean targets it is aligned
                 # to, the errors its own rollout will feed it (docs/results.md, sessions 6 and 8)
                 inputs_BKD = targets_BKD

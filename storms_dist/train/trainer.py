@@ -86,6 +86,9 @@ class StageConfig:
     the model's own latents, as inference reads it; the teacher-forced pass then only aligns), or both."""
     chain_grad: bool = False
     """joint mode: the rollout's gradient also flows back along the latent chain (joint cuts it between steps)."""
+    answer_grad: Literal["all", "latents"] = "all"
+    """rollout mode: ``latents`` = the answer CE reaches the weights only through the rolled-out latent states (the
+    readout Stage I learned is not fitted to the answers directly; costs two full passes after the latent steps)."""
     align: bool = False
     """Add lambda * alignment to the thought-video targets: Stage I's objective; in Stage II (rollout mode) an anchor
     that keeps the answer-trained rollout on the targets Stage I aligned it to (the same cache)."""
@@ -112,6 +115,9 @@ class StageConfig:
             if value and self.mode != "joint":
                 raise ValueError(f"{name}: chooses between joint mode's teacher-forced and rolled-out passes; it needs "
                                  f"mode 'joint', got {self.mode!r}")
+        if self.answer_grad == "latents" and self.mode != "rollout":
+            raise ValueError(f"answer_grad: 'latents' routes the rollout's answer CE through its latent states; it "
+                             f"needs mode 'rollout', got {self.mode!r}")
         if self.teacher_noise < 0:
             raise ValueError(f"teacher_noise: expected >= 0, got {self.teacher_noise}")
         if self.teacher_noise and not (self.align and self.mode in ("single", "joint")):
@@ -450,7 +456,7 @@ class Trainer:
             out = engine(batch, layout, mode=stage_cfg.mode, targets_BKD=targets,
                          rollout_weight=stage_cfg.rollout_weight, teacher_noise=stage_cfg.teacher_noise,
                          detach_chain=stage_cfg.detach_chain, answer_pass=stage_cfg.answer_pass,
-                         chain_grad=stage_cfg.chain_grad)
+                         chain_grad=stage_cfg.chain_grad, answer_grad=stage_cfg.answer_grad)
             t2 = time.perf_counter()
             # all ranks agree before any backward: a non-finite loss anywhere drops this micro-batch everywhere
             if all_reduce_max([0.0 if torch.isfinite(out.loss).item() else 1.0])[0] > 0:
