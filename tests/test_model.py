@@ -208,8 +208,17 @@ def test_answer_grad_latents_trains_the_weights_only_through_the_latent_states(m
         rolled = model(batch, layout, mode="rollout", targets_BKD=targets)
     torch.testing.assert_close(anchored.loss, model.align_weight * rolled.align, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(anchored.align, rolled.align)
+    with torch.no_grad():  # joint: the rollout's CE through the latents adds 0 to the value, its CE is reported
+        teacher = model(batch, layout, mode="single", targets_BKD=targets)
+        joint = model(batch, layout, mode="joint", targets_BKD=targets, rollout_weight=2.0, answer_pass="both",
+                      answer_grad="latents")
+    torch.testing.assert_close(joint.loss, teacher.loss + 2.0 * model.align_weight * rolled.align, atol=1e-6,
+                               rtol=1e-5)
+    torch.testing.assert_close(joint.ce, rolled.ce)
     with pytest.raises(ValueError, match="answer_grad.*rollout"):
         model(batch, layout, mode="single", answer_grad="latents")
+    with pytest.raises(ValueError, match="answer_grad.*answer_pass"):
+        model(batch, layout, mode="joint", targets_BKD=targets, answer_grad="latents")
 
 
 def reference_inputs(model, batch, layout):

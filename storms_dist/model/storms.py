@@ -15,8 +15,8 @@ Forward modes (one ``nn.Module.forward`` so a DeepSpeed engine can wrap it; ZeRO
   ``answer_pass`` picks whose answer CE trains (the teacher-forced pass's, the rollout's, or both) and ``chain_grad``
   lets the rollout's gradient flow along the chain: the joint objective with the answer read as inference reads it
   (docs/results.md, session 22: it lost to the teacher's answer on never-seen pairs).
-  ``answer_grad`` (rollout mode): ``latents`` lets the answer CE reach the weights only through the rolled-out
-  latent states, so Stage II can change what the latents hold but not how the answer is read from them.
+  ``answer_grad`` (rollout mode, or joint with the rollout's answer): ``latents`` lets that answer CE reach the
+  weights only through the rolled-out latent states, so it can change what the latents hold but not fit the readout.
 
 The latent state aligned with slot k is the hidden state of the position before it -- exactly the embedding the
 rollout feeds into slot k -- so both modes align the same quantity.
@@ -91,9 +91,10 @@ def check_forward_options(mode: ForwardMode, num_latents: int, targets_BKD: torc
         raise ValueError(f"detach_chain cuts the gradient between rollout steps: it needs mode 'rollout', got {mode!r}")
     if answer_grad not in ("all", "latents"):
         raise ValueError(f"answer_grad: expected 'all' or 'latents', got {answer_grad!r}")
-    if answer_grad == "latents" and (mode != "rollout" or num_latents == 0):
+    if answer_grad == "latents" and not (mode == "rollout" and num_latents > 0 or answer_pass != "teacher"):
         raise ValueError(f"answer_grad 'latents' routes the rollout's answer CE through its latent states: it needs "
-                         f"mode 'rollout' and K > 0, got mode {mode!r}, K={num_latents}")
+                         f"mode 'rollout' with K > 0, or joint with answer_pass 'rollout' / 'both'; got mode {mode!r}, "
+                         f"K={num_latents}, answer_pass {answer_pass!r}")
 
 
 class STORMSModel(nn.Module):
@@ -230,9 +231,9 @@ class STORMSModel(nn.Module):
         inputs = (batch, layout, targets_BKD, embeds_BLD, pos_3BL, visual, video_mask_BL, num_steps)
         if mode == "joint":
             out = self._joint(inputs, rollout_weight=rollout_weight, teacher_noise=teacher_noise,
-                              answer_pass=answer_pass, chain_grad=chain_grad)
+                              answer_pass=answer_pass, chain_grad=chain_grad, answer_grad=answer_grad)
         elif answer_grad == "latents":
-            out = self._answer_through_latents(inputs, detach_chain=detach_chain)
+            out = self._rollout_through_latents(inputs, detach_chain=detach_chain)
         else:
             out = self._forward_mode(mode, *inputs, teacher_noise=teacher_noise, detach_inputs=detach_chain)
         if zero_term is not None:
@@ -240,43 +241,51 @@ class STORMSModel(nn.Module):
         return out
 
     def _joint(self, inputs, *, rollout_weight: float, teacher_noise: float, answer_pass: AnswerPass,
-               chain_grad: bool) -> STORMSOutput:
+               chain_grad: bool, answer_grad: AnswerGrad) -> STORMSOutput:
         """Teacher-forced pass (answer CE + lambda * alignment) + rollout_weight * lambda * the rollout's alignment;
-        ``answer_pass`` moves the answer CE onto the rollout or adds it there, ``chain_grad`` keeps the chain's
-        gradient (cut by default: each step learns from its own input as given)."""
+        ``answer_pass`` moves the answer CE onto the rollout or adds it there (``answer_grad``: through the latents
+        only, or into every weight), ``chain_grad`` keeps the chain's gradient (cut by default: each step learns from
+        its own input as given)."""
         targets_BKD = inputs[2]
         out = self._forward_mode("single", *inputs, teacher_noise=teacher_noise)
         rolled = self._forward_mode("rollout", *inputs, detach_inputs=not chain_grad,
-                                    latents_only=answer_pass == "teacher")
+                                    latents_only=answer_pass == "teacher" or answer_grad == "latents")
         rollout_align = alignment_loss(rolled.latents_BKD, targets_BKD, self.align_loss)
         if answer_pass != "teacher":  # the answer CE read through the model's own latents, as inference reads it
-            rollout_ce = rolled.loss - self.align_weight * rollout_align
+            if answer_grad == "latents":
+                answered = self._answer_through_latents(inputs, rolled.latents_BKD)
+                rollout_ce, out.ce = answered.loss, answered.ce
+            else:
+                rollout_ce, out.ce = rolled.loss - self.align_weight * rollout_align, rolled.ce
             if answer_pass == "rollout":  # the teacher-forced pass keeps only its alignment
                 out.loss = self.align_weight * alignment_loss(out.latents_BKD, targets_BKD, self.align_loss)
             out.loss = out.loss + rollout_ce
-            out.ce = rolled.ce
         out.loss = out.loss + rollout_weight * self.align_weight * rollout_align
         out.align = rollout_align.detach()  # what inference sees: the rolled-out latents' distance
         out.latents_BKD = rolled.latents_BKD
         return out
 
-    def _answer_through_latents(self, inputs, *, detach_chain: bool) -> STORMSOutput:
-        """Rollout-mode loss whose answer CE reaches the weights only through the rolled-out latent states z: the
-        CE of one pass with z in the slots minus the CE of the same pass with z held constant. Both terms share the
-        weights' direct gradient, so the difference keeps only dCE/dz * dz/dtheta (its value is 0; the reported CE is
-        the live pass's). The readout Stage I learned is not trained to fit the answers by itself (docs/results.md,
-        session 23). Two full passes after the latent steps instead of one suffix pass; every rank runs them all."""
+    def _rollout_through_latents(self, inputs, *, detach_chain: bool) -> STORMSOutput:
+        """Rollout mode with ``answer_grad='latents'``: the answer CE through the latents, plus Stage II's anchor on
+        Stage I's targets when they are given."""
         targets_BKD = inputs[2]
         rolled = self._forward_mode("rollout", *inputs, detach_inputs=detach_chain, latents_only=True)
-        live = self._forward_mode("single", *inputs, slot_inputs_BKD=rolled.latents_BKD)
-        held = self._forward_mode("single", *inputs, slot_inputs_BKD=rolled.latents_BKD.detach())
-        loss = live.loss - held.loss
-        out = STORMSOutput(loss=loss, ce=live.ce, num_answer_tokens=live.num_answer_tokens,
-                           latents_BKD=rolled.latents_BKD)
-        if targets_BKD is not None:  # Stage II's anchor on Stage I's targets
+        out = self._answer_through_latents(inputs, rolled.latents_BKD)
+        if targets_BKD is not None:
             align = alignment_loss(rolled.latents_BKD, targets_BKD, self.align_loss)
-            out.loss, out.align = loss + self.align_weight * align, align.detach()
+            out.loss, out.align = out.loss + self.align_weight * align, align.detach()
         return out
+
+    def _answer_through_latents(self, inputs, latents_BKD: torch.Tensor) -> STORMSOutput:
+        """Answer CE whose gradient reaches the weights only through the rolled-out latent states z: the CE of one
+        pass with z in the slots minus the CE of the same pass with z held constant. Both terms share the weights'
+        direct gradient, so the difference keeps only dCE/dz * dz/dtheta (its value is 0; the reported CE is the live
+        pass's): the readout is not fitted to the answers by itself (docs/results.md, session 23).
+        Two full passes instead of one suffix pass; every rank runs both."""
+        live = self._forward_mode("single", *inputs, slot_inputs_BKD=latents_BKD)
+        held = self._forward_mode("single", *inputs, slot_inputs_BKD=latents_BKD.detach())
+        return STORMSOutput(loss=live.loss - held.loss, ce=live.ce, num_answer_tokens=live.num_answer_tokens,
+                            latents_BKD=latents_BKD)
 
     def _dummy_visual_term(self) -> torch.Tensor:
         """Vision tower + merger on the smallest valid video (one temporal patch, one merged token), times 0."""

@@ -87,8 +87,9 @@ class StageConfig:
     chain_grad: bool = False
     """joint mode: the rollout's gradient also flows back along the latent chain (joint cuts it between steps)."""
     answer_grad: Literal["all", "latents"] = "all"
-    """rollout mode: ``latents`` = the answer CE reaches the weights only through the rolled-out latent states (the
-    readout Stage I learned is not fitted to the answers directly; costs two full passes after the latent steps)."""
+    """rollout mode, or joint with the rollout's answer: ``latents`` = that answer CE reaches the weights only through
+    the rolled-out latent states (the readout is not fitted to the answers directly; two full passes after the latent
+    steps instead of one suffix pass)."""
     align: bool = False
     """Add lambda * alignment to the thought-video targets: Stage I's objective; in Stage II (rollout mode) an anchor
     that keeps the answer-trained rollout on the targets Stage I aligned it to (the same cache)."""
@@ -115,9 +116,10 @@ class StageConfig:
             if value and self.mode != "joint":
                 raise ValueError(f"{name}: chooses between joint mode's teacher-forced and rolled-out passes; it needs "
                                  f"mode 'joint', got {self.mode!r}")
-        if self.answer_grad == "latents" and self.mode != "rollout":
+        if self.answer_grad == "latents" and not (self.mode == "rollout" or self.answer_pass != "teacher"):
             raise ValueError(f"answer_grad: 'latents' routes the rollout's answer CE through its latent states; it "
-                             f"needs mode 'rollout', got {self.mode!r}")
+                             f"needs mode 'rollout', or 'joint' with answer_pass 'rollout' or 'both'; got mode "
+                             f"{self.mode!r}, answer_pass {self.answer_pass!r}")
         if self.teacher_noise < 0:
             raise ValueError(f"teacher_noise: expected >= 0, got {self.teacher_noise}")
         if self.teacher_noise and not (self.align and self.mode in ("single", "joint")):
