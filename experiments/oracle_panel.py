@@ -5,7 +5,8 @@ teacher-forced pass), so the gap says how much of the answer the latents could c
 The eval split's targets are encoded by the seed's Stage 0 tower (the one the train cache was built with) and
 normalised with the *train* cache's projection, exactly as Stage I saw its targets.
 
-    python -m experiments.oracle_panel runs/seeds5_850 --seed 0 --set eval.split=val [--limit 300]
+    python -m experiments.oracle_panel runs/seeds5_850 --seed 0 --set eval.split=val [--limit 300] \
+        [--export NAME=runs/seeds5_850/stage2_variants/seed0/VARIANT/export]
 
 (run as a module from the repository root: it reuses experiments/grid_recipe.py's scoring)
 """
@@ -54,7 +55,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], help="config override (eval.split=val)")
     p.add_argument("--limit", type=int, default=None, help="the split's first N items only")
+    p.add_argument("--export", action="append", default=[], help="NAME=PATH: another export of this seed (a Stage II "
+                   "variant's) to score beside the pipeline's")
     args = p.parse_args()
+    extra = dict(e.partition("=")[::2] for e in args.export)
     torch.set_num_threads(1)
     run_dir = Path(args.run_dir)
     seed_dir = run_dir / f"seed{args.seed}"
@@ -65,10 +69,13 @@ def main() -> None:
     print(f"| export ({cfg.eval.split}, seed {args.seed}, {len(samples)} items) | rollout future_cell | "
           f"oracle future_cell | rollout current_cell | oracle current_cell |")
     print("|---|---:|---:|---:|---:|")
-    for name, rel in EXPORTS.items():
-        if not (seed_dir / rel).is_dir():
+    exports = {name: seed_dir / rel for name, rel in EXPORTS.items()} | {n: Path(x) for n, x in extra.items()}
+    for name, path in exports.items():
+        if not path.is_dir():
+            if name in extra:
+                raise SystemExit(f"--export {name}={path}: not a folder")
             continue
-        model, tokenizer, settings = load_exported(seed_dir / rel)
+        model, tokenizer, settings = load_exported(path)
         spec = VisionSpec.from_hf_config(model.backbone.config)
         dataset = VideoQADataset(samples, tokenizer, spec, cfg.data)
         collate = LatentCollator(latent_token_ids(tokenizer), tokenizer.pad_token_id, settings["num_latents"])
