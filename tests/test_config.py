@@ -193,6 +193,7 @@ def test_override_into_scalar_is_an_error(tmp_path):
     (["stage2.answer_pass=rollout"], "stage2", "answer_pass", "mode 'joint'"),
     (["stage2.chain_grad=true"], "stage2", "chain_grad", "mode 'joint'"),
     (["stage2.mode=single", "stage2.answer_grad=latents"], "stage2", "answer_grad", "mode 'rollout'"),
+    (["stage2.num_latents=0", "stage2.answer_grad=latents"], "stage2", "answer_grad", "num_latents is 0"),
     (["stage2.teacher_noise=0.5"], "stage2", "teacher_noise", "align: true"),
     (["model.num_latents=17"], "model", "num_latents", "max_latents (16)"),
     (["model.max_latents=4", "model.num_latents=5"], "model", "num_latents", "max_latents (4)"),

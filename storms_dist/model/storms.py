@@ -71,7 +71,7 @@ class STORMSOutput(ModelOutput):
 
 def check_forward_options(mode: ForwardMode, num_latents: int, targets_BKD: torch.Tensor | None, *,
                           teacher_noise: float, detach_chain: bool, answer_pass: AnswerPass, chain_grad: bool,
-                          answer_grad: AnswerGrad = "all") -> None:
+                          answer_grad: AnswerGrad) -> None:
     """Each forward option belongs to some modes; a wrong combination is a clear error, not a silently ignored flag."""
     if targets_BKD is not None and num_latents == 0:
         raise ValueError("alignment targets given but the batch has no latent slots (K=0)")

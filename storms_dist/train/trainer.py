@@ -116,6 +116,9 @@ class StageConfig:
             if value and self.mode != "joint":
                 raise ValueError(f"{name}: chooses between joint mode's teacher-forced and rolled-out passes; it needs "
                                  f"mode 'joint', got {self.mode!r}")
+        if self.answer_grad == "latents" and self.num_latents == 0:
+            raise ValueError("answer_grad: 'latents' routes the answer CE through the latent states, but num_latents "
+                             "is 0")
         if self.answer_grad == "latents" and not (self.mode == "rollout" or self.answer_pass != "teacher"):
             raise ValueError(f"answer_grad: 'latents' routes the rollout's answer CE through its latent states; it "
                              f"needs mode 'rollout', or 'joint' with answer_pass 'rollout' or 'both'; got mode "
