@@ -69,32 +69,52 @@ class STORMSOutput(ModelOutput):
     latents_BKD: torch.Tensor | None = None
 
 
+def forward_option_error(*, mode: ForwardMode, num_latents: int | None, aligned: bool, teacher_noise: float,
+                         detach_chain: bool, answer_pass: AnswerPass, chain_grad: bool,
+                         answer_grad: AnswerGrad) -> str | None:
+    """The first rule a combination of forward options breaks, as ``'<option>: why'``, or None. Each option belongs
+    to some modes; a wrong combination is an error, not a silently ignored flag. One statement of the rules for both
+    callers: the model checks each call (``aligned`` = targets given), StageConfig its fields (``aligned`` = align,
+    ``num_latents`` None = the model's K, some K > 0)."""
+    if aligned and num_latents == 0:
+        return "align: thought-video targets need latent slots, but num_latents is 0"
+    if mode == "joint" and not aligned:
+        return "mode: 'joint' aligns the latents to thought-video targets; set align: true (Stage I)"
+    if teacher_noise < 0:
+        return f"teacher_noise: expected >= 0, got {teacher_noise}"
+    if teacher_noise and not (aligned and mode in ("single", "joint")):
+        return (f"teacher_noise: perturbs teacher-forced slot inputs; it needs align: true and mode 'single' or "
+                f"'joint', got align {aligned}, mode {mode!r}")
+    if detach_chain and mode != "rollout":
+        return f"detach_chain: cuts the gradient between rollout steps; it needs mode 'rollout', got {mode!r}"
+    for name, value in (("answer_pass", answer_pass != "teacher"), ("chain_grad", chain_grad)):
+        if value and mode != "joint":
+            return (f"{name}: chooses between joint mode's teacher-forced and rolled-out passes; it needs mode "
+                    f"'joint', got {mode!r}")
+    if answer_grad == "latents" and num_latents == 0:
+        return "answer_grad: 'latents' routes the answer CE through the latent states, but num_latents is 0"
+    if answer_grad == "latents" and not (mode == "rollout" or answer_pass != "teacher"):
+        return (f"answer_grad: 'latents' routes the rollout's answer CE through its latent states; it needs mode "
+                f"'rollout', or 'joint' with answer_pass 'rollout' or 'both'; got mode {mode!r}, answer_pass "
+                f"{answer_pass!r}")
+    return None
+
+
 def check_forward_options(mode: ForwardMode, num_latents: int, targets_BKD: torch.Tensor | None, *,
                           teacher_noise: float, detach_chain: bool, answer_pass: AnswerPass, chain_grad: bool,
                           answer_grad: AnswerGrad) -> None:
-    """Each forward option belongs to some modes; a wrong combination is a clear error, not a silently ignored flag."""
-    if targets_BKD is not None and num_latents == 0:
-        raise ValueError("alignment targets given but the batch has no latent slots (K=0)")
-    if targets_BKD is not None and targets_BKD.shape[1] != num_latents:
-        raise ValueError(f"targets have {targets_BKD.shape[1]} slots, batch has K={num_latents}")
-    if mode == "joint" and targets_BKD is None:
-        raise ValueError("mode 'joint' is a Stage I mode: it needs thought-video targets (stage align: true)")
-    if teacher_noise and (mode not in ("single", "joint") or targets_BKD is None):
-        raise ValueError(f"teacher_noise perturbs teacher-forced slot inputs: it needs targets and mode 'single' "
-                         f"or 'joint', got mode {mode!r}")
+    """A forward call's options: the values a direct caller may mistype, the targets' shape, then the shared rules."""
     if answer_pass not in ("teacher", "rollout", "both"):
         raise ValueError(f"answer_pass: expected 'teacher', 'rollout' or 'both', got {answer_pass!r}")
-    if (answer_pass != "teacher" or chain_grad) and mode != "joint":
-        raise ValueError(f"answer_pass / chain_grad choose joint mode's answer pass and rollout gradient; got mode "
-                         f"{mode!r}")
-    if detach_chain and mode != "rollout":
-        raise ValueError(f"detach_chain cuts the gradient between rollout steps: it needs mode 'rollout', got {mode!r}")
     if answer_grad not in ("all", "latents"):
         raise ValueError(f"answer_grad: expected 'all' or 'latents', got {answer_grad!r}")
-    if answer_grad == "latents" and not (mode == "rollout" and num_latents > 0 or answer_pass != "teacher"):
-        raise ValueError(f"answer_grad 'latents' routes the rollout's answer CE through its latent states: it needs "
-                         f"mode 'rollout' with K > 0, or joint with answer_pass 'rollout' / 'both'; got mode {mode!r}, "
-                         f"K={num_latents}, answer_pass {answer_pass!r}")
+    if targets_BKD is not None and num_latents and targets_BKD.shape[1] != num_latents:
+        raise ValueError(f"targets have {targets_BKD.shape[1]} slots, batch has K={num_latents}")
+    error = forward_option_error(mode=mode, num_latents=num_latents, aligned=targets_BKD is not None,
+                                 teacher_noise=teacher_noise, detach_chain=detach_chain, answer_pass=answer_pass,
+                                 chain_grad=chain_grad, answer_grad=answer_grad)
+    if error:
+        raise ValueError(error)
 
 
 class STORMSModel(nn.Module):

@@ -32,6 +32,7 @@ from storms_dist.model.build import (
     param_groups,
     write_latent_settings,
 )
+from storms_dist.model.storms import forward_option_error
 from storms_dist.train.checkpoint import CheckpointManager, tag_for
 from storms_dist.train.deepspeed_config import build_ds_config
 from storms_dist.train.distributed import all_reduce_max, barrier, init_distributed
@@ -103,31 +104,14 @@ class StageConfig:
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"micro_batch_size and grad_accum: expected >= 1, got {self.micro_batch_size}, "
                              f"{self.grad_accum}")
-        if self.align and self.num_latents == 0:
-            raise ValueError("align: alignment needs latent slots, but num_latents is 0")
-        if self.mode == "joint" and not self.align:
-            raise ValueError("mode: 'joint' aligns the latents to thought-video targets; set align: true (Stage I)")
         if self.rollout_weight < 0:
             raise ValueError(f"rollout_weight: expected >= 0, got {self.rollout_weight}")
-        if self.detach_chain and self.mode != "rollout":
-            raise ValueError(f"detach_chain: cuts the gradient between rollout steps; it needs mode 'rollout', got "
-                             f"{self.mode!r}")
-        for name, value in (("answer_pass", self.answer_pass != "teacher"), ("chain_grad", self.chain_grad)):
-            if value and self.mode != "joint":
-                raise ValueError(f"{name}: chooses between joint mode's teacher-forced and rolled-out passes; it needs "
-                                 f"mode 'joint', got {self.mode!r}")
-        if self.answer_grad == "latents" and self.num_latents == 0:
-            raise ValueError("answer_grad: 'latents' routes the answer CE through the latent states, but num_latents "
-                             "is 0")
-        if self.answer_grad == "latents" and not (self.mode == "rollout" or self.answer_pass != "teacher"):
-            raise ValueError(f"answer_grad: 'latents' routes the rollout's answer CE through its latent states; it "
-                             f"needs mode 'rollout', or 'joint' with answer_pass 'rollout' or 'both'; got mode "
-                             f"{self.mode!r}, answer_pass {self.answer_pass!r}")
-        if self.teacher_noise < 0:
-            raise ValueError(f"teacher_noise: expected >= 0, got {self.teacher_noise}")
-        if self.teacher_noise and not (self.align and self.mode in ("single", "joint")):
-            raise ValueError(f"teacher_noise: perturbs teacher-forced slot inputs; it needs align: true and mode "
-                             f"'single' or 'joint', got align {self.align}, mode {self.mode!r}")
+        error = forward_option_error(mode=self.mode, num_latents=self.num_latents, aligned=self.align,
+                                     teacher_noise=self.teacher_noise, detach_chain=self.detach_chain,
+                                     answer_pass=self.answer_pass, chain_grad=self.chain_grad,
+                                     answer_grad=self.answer_grad)
+        if error:
+            raise ValueError(error)
 
 
 @dataclass(kw_only=True)
