@@ -3,7 +3,8 @@ demo's `stage2` job with config overrides, trained through the real trainer (Dee
 thread, two at a time) and evaluated on the run's eval split beside the Stage I export it starts from.
 
     python experiments/stage2_variants.py runs/NAME --seed 0 \
-        --variant answer_only: --variant anchor_lam1:stage2.align=true [--set eval.split=val]
+        --variant answer_only: --variant anchor_lam1:stage2.align=true [--set eval.split=val] \
+        [--start stage1_only/stage1_continued/export]
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from storms_dist.tracking import Tracker
 from storms_dist.train.trainer import TrainJob
 
 
+DEFAULT_START = "storms/stage1/export"  # STORMS's Stage I, the start its Stage II trains from
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, sep, overrides = text.partition(":")
     if not sep or not name:
@@ -37,13 +41,17 @@ def main() -> None:
     p.add_argument("--variant", action="append", required=True, help="NAME:override,override (stage2.*, model.*)")
     p.add_argument("--set", action="append", default=[], help="override for every variant and the start (eval.split=val)")
     p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--start", default=DEFAULT_START, help="the export every variant starts from, relative to the seed "
+                   "folder (e.g. stage1_only/stage1_continued/export: Stage I only's 850-step export)")
     args = p.parse_args()
     run_dir = Path(args.run_dir)
     seed_dir = run_dir / f"seed{args.seed}"
-    stage1_export = seed_dir / "storms" / "stage1" / "export"
+    stage1_export = seed_dir / args.start
     if not stage1_export.is_dir():
-        raise SystemExit(f"{stage1_export}: no Stage I export (run `storms demo` with this run name first)")
-    out_root = run_dir / "stage2_variants" / f"seed{args.seed}"
+        raise SystemExit(f"{stage1_export}: no such export (run `storms demo` with this run name first)")
+    # each start gets its own folder: the target cache below is restamped for the start's tower
+    out_root = run_dir / "stage2_variants" / (f"seed{args.seed}" if args.start == DEFAULT_START else
+                                               f"seed{args.seed}_from_{args.start.split('/')[0]}")
     variants = dict(parse_variant(v) for v in args.variant)
     cfgs = {name: with_seed(load_config(RunConfig, run_dir / "config.yaml", [*args.set, *overrides]), args.seed)
             for name, overrides in variants.items()}
