@@ -46,9 +46,9 @@ def main() -> None:
     args = p.parse_args()
     run_dir = Path(args.run_dir)
     seed_dir = run_dir / f"seed{args.seed}"
-    stage1_export = seed_dir / args.start
-    if not stage1_export.is_dir():
-        raise SystemExit(f"{stage1_export}: no such export (run `storms demo` with this run name first)")
+    start_export = seed_dir / args.start
+    if not start_export.is_dir():
+        raise SystemExit(f"{start_export}: no such export (run `storms demo` with this run name first)")
     # each start gets its own folder: the target cache below is restamped for the start's tower
     out_root = run_dir / "stage2_variants" / (f"seed{args.seed}" if args.start == DEFAULT_START else
                                                f"seed{args.seed}_from_{args.start.split('/')[0]}")
@@ -63,13 +63,13 @@ def main() -> None:
         shutil.copytree(seed_dir / "targets", targets_dir)
         stamp_path = targets_dir / STAMP_FILE
         stamp = json.loads(stamp_path.read_text())
-        stamp["vision_fingerprint"] = vision_fingerprint(load_exported(stage1_export)[0])
+        stamp["vision_fingerprint"] = vision_fingerprint(load_exported(start_export)[0])
         stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
 
     def train(name: str) -> str:
         cfg = cfgs[name]
         job = TrainJob(name=f"stage2_variant/{name}", stage=2, stage_cfg=cfg.stage2, out_dir=out_root / name,
-                       init_from=str(stage1_export), targets_dir=targets_dir if cfg.stage2.align else None,
+                       init_from=str(start_export), targets_dir=targets_dir if cfg.stage2.align else None,
                        parent_run_id=None, tags={"method": "storms", "stage2_variant": name})
         return run_training(replace(cfg, launcher="torchrun"), job, threads=1)["export"]
 
@@ -77,7 +77,7 @@ def main() -> None:
         exports = dict(zip(variants, pool.map(train, variants)))
     base_cfg = with_seed(load_config(RunConfig, run_dir / "config.yaml", args.set), args.seed)
     tracker = Tracker(base_cfg.tracking, Path(base_cfg.runs_dir), is_main_process=True)
-    rows = {"stage1 export (start)": (str(stage1_export), base_cfg), **{n: (exports[n], cfgs[n]) for n in variants}}
+    rows = {"stage1 export (start)": (str(start_export), base_cfg), **{n: (exports[n], cfgs[n]) for n in variants}}
     print(f"| Stage II variant ({base_cfg.eval.split}, seed {args.seed}) | overrides | future_cell | current_cell |")
     print("|---|---|---:|---:|")
     for name, (export, cfg) in rows.items():

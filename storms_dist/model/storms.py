@@ -268,15 +268,13 @@ class STORMSModel(nn.Module):
         its own input as given)."""
         targets_BKD = inputs[2]
         out = self._forward_mode("single", *inputs, teacher_noise=teacher_noise)
-        rolled = self._forward_mode("rollout", *inputs, detach_inputs=not chain_grad,
+        # the rollout without targets: its loss, when it runs the suffix, is its answer CE alone
+        rolled = self._forward_mode("rollout", *inputs[:2], None, *inputs[3:], detach_inputs=not chain_grad,
                                     latents_only=answer_pass == "teacher" or answer_grad == "latents")
         rollout_align = alignment_loss(rolled.latents_BKD, targets_BKD, self.align_loss)
         if answer_pass != "teacher":  # the answer CE read through the model's own latents, as inference reads it
-            if answer_grad == "latents":
-                answered = self._answer_through_latents(inputs, rolled.latents_BKD)
-                rollout_ce, out.ce = answered.loss, answered.ce
-            else:
-                rollout_ce, out.ce = rolled.loss - self.align_weight * rollout_align, rolled.ce
+            answered = rolled if answer_grad == "all" else self._answer_through_latents(inputs, rolled.latents_BKD)
+            rollout_ce, out.ce = answered.loss, answered.ce
             if answer_pass == "rollout":  # the teacher-forced pass keeps only its alignment
                 out.loss = self.align_weight * alignment_loss(out.latents_BKD, targets_BKD, self.align_loss)
             out.loss = out.loss + rollout_ce
