@@ -23,7 +23,6 @@ from storms_dist.targets import STAMP_FILE, vision_fingerprint
 from storms_dist.tracking import Tracker
 from storms_dist.train.trainer import TrainJob
 
-
 DEFAULT_START = "storms/stage1/export"  # STORMS's Stage I, the start its Stage II trains from
 
 
