@@ -135,9 +135,48 @@ def test_flow_dynamics_answers_follow_the_tour_and_the_cell_is_the_state(tmp_pat
             assert s.answer == OPTION_LETTERS[row * 4 + col]
     perception = read_manifest(paths["perception_train"])  # the cell is the whole state: no direction question
     assert {p.meta["variant"] for p in perception} == {"cell_at_frame"}
-    assert task.period == 16
+    assert task.period() == 16 and GridTaskConfig(dynamics="flow", flow_moves=[2, -1]).period(2) == 8
     with pytest.raises(ValueError, match="grid.dynamics"):
         GridTaskConfig(dynamics="orbit")
+
+
+def test_flow_moves_draw_a_law_per_video_and_stage0_asks_it(tmp_path) -> None:
+    task = GridTaskConfig(dynamics="flow", flow_moves=[1, -1, 2, -2])
+    cfg = SynthConfig(num_train=40, num_val=0, num_test=0, workers=1, grid=task)
+    paths = generate(cfg, tmp_path)
+    tour = list(grid.flow_cycle(4, task.flow_seed))
+    moves = set()
+    for s in read_manifest(paths["train"]):
+        move, first = s.meta["move"], tour.index(tuple(s.meta["clip_cells"][0]))
+        moves.add(move)
+        path = [list(tour[(first + move * t) % 16]) for t in range(20)]
+        assert s.meta["clip_cells"] == path[:4]
+        if s.qtype == "future_cell":  # the answer is `move` tour steps per frame, D frames on
+            col, row = path[3 + s.meta["horizon"]]
+            assert s.answer == OPTION_LETTERS[row * 4 + col]
+    assert moves == {1, -1, 2, -2}
+    asked = [p for p in read_manifest(paths["perception_train"]) if p.meta["variant"] == "move"]
+    assert len(asked) == 40 and {p.answer_text for p in asked} == {"1 forward", "1 back", "2 forward", "2 back"}
+    assert task.period(2) == 8 and task.period(-1) == 16
+    for bad in ([], [0], [1, 1], [16]):
+        with pytest.raises(ValueError, match="grid.flow_moves"):
+            GridTaskConfig(dynamics="flow", flow_moves=bad)
+    with pytest.raises(ValueError, match="needs dynamics: flow"):
+        GridTaskConfig(flow_moves=[1, -1])
+
+
+def test_one_flow_law_draws_the_same_worlds_as_before() -> None:
+    """flow_moves draws from the random stream only when it offers a choice: the default set keeps its bytes."""
+    task = GridTaskConfig(dynamics="flow")
+    worlds = [grid.sample_world(np.random.default_rng(i), task) for i in range(5)]
+    tour = grid.flow_cycle(4, task.flow_seed)
+    for i, world in enumerate(worlds):
+        rng = np.random.default_rng(i)
+        start = (int(rng.integers(4)), int(rng.integers(4)))
+        rng.choice((-1, 1)), rng.choice((-1, 1))
+        assert world.start == start and world.move == 1
+        assert world.horizon == int(rng.integers(1, 17))
+        assert tuple(world.clip_T2[1]) == tour[(tour.index(start) + 1) % 16]
     with pytest.raises(ValueError, match="grid.heading_cue"):
         GridTaskConfig(dynamics="flow", heading_cue=True)
 

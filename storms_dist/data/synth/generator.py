@@ -121,6 +121,8 @@ def make_grid_video(cfg: SynthConfig, split: str, index: int, out_dir: Path) -> 
             "velocity": list(world.velocity), "clip_cells": world.clip_T2.tolist(),
             "thought_cells": thought.cells_T2.tolist(), "thought_timers": thought.timers_T.tolist(),
             "baselines": grid.baseline_answers(world, task), **main.meta}
+    if len(task.flow_moves) > 1:  # (one law: the default's manifests keep their bytes)
+        meta["move"] = world.move
     return _VideoResult(split=split, index=index, qtype=qtype, plan=plan(main), perception=tuple(perception),
                         video=video, thought_video=thought_video, meta=meta)
 

@@ -19,6 +19,7 @@ Everything is a pure function of ``(seed, split, index)``; ``generator.py`` owns
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -51,6 +52,11 @@ class GridTaskConfig:
     function of its previous latent, while one pass must learn ``(cell, D) -> cell`` over the whole tour."""
     flow_seed: int = 0
     """Seed of the ``flow`` tour (a fixed part of the task, not of the sample)."""
+    flow_moves: tuple[int, ...] = (1,)
+    """With ``flow``: the tour steps the ball moves per frame, one value drawn per video (negative: the tour run
+    backwards). ``[1]`` (default): one law for every video, so ``(last cell, D)`` is the whole question. ``[1, -1]``
+    or ``[1, -1, 2, -2]``: the move is part of the state (shown by the two frames of every merged token), so the
+    ``(state, D)`` table is 2 or 4 times larger while the step law stays one rule; Stage 0 then also asks the move."""
     clip_frames: int = 4
     """Frames of the visible clip (even: whole temporal patches). Shorter than the motion's period (2 * (cells - 1)
     frames per axis), so copying a past frame cannot answer most horizons."""
@@ -126,6 +132,15 @@ class GridTaskConfig:
             raise ValueError(f"grid.heading_cue: expected true or false, got {self.heading_cue!r}")
         if self.dynamics not in ("bounce", "flow"):
             raise ValueError(f"grid.dynamics: expected 'bounce' or 'flow', got {self.dynamics!r}")
+        self.flow_moves = tuple(self.flow_moves)
+        if (not self.flow_moves or len(set(self.flow_moves)) != len(self.flow_moves)
+                or not all(isinstance(m, int) and not isinstance(m, bool) and 0 < abs(m) < self.num_cells
+                           for m in self.flow_moves)):
+            raise ValueError(f"grid.flow_moves: expected distinct non-zero tour steps per frame with |move| < "
+                             f"{self.num_cells} (cells^2), got {list(self.flow_moves)}")
+        if self.flow_moves != (1,) and self.dynamics != "flow":
+            raise ValueError(f"grid.flow_moves: {list(self.flow_moves)} needs dynamics: flow (bounce moves one cell "
+                             f"per frame per axis)")
         if self.dynamics == "flow" and self.heading_cue:
             raise ValueError("grid.heading_cue: the flow dynamics has no heading to show (the cell is the whole "
                              "state); set it false or use dynamics: bounce")
@@ -174,10 +189,10 @@ class GridTaskConfig:
         """How many of the horizons each last visible cell holds out of train."""
         return round(self.holdout * (self.horizons[1] - self.horizons[0] + 1))
 
-    @property
-    def period(self) -> int:
-        """Frames after which the motion repeats: a 2 (cells - 1) bounce per axis, or the flow tour's length."""
-        return 2 * (self.cells - 1) if self.dynamics == "bounce" else self.num_cells
+    def period(self, move: int = 1) -> int:
+        """Frames after which the motion repeats: a 2 (cells - 1) bounce per axis, or the flow tour's length over
+        the tour steps per frame (``move``) it shares a divisor with."""
+        return 2 * (self.cells - 1) if self.dynamics == "bounce" else self.num_cells // math.gcd(self.num_cells, move)
 
     @property
     def size(self) -> int:
@@ -276,11 +291,16 @@ def _shuffled_serpentine_tour(cells: int, rng: np.random.Generator) -> tuple[tup
     return tuple(tour[start:] + tour[:start])
 
 
-def flow_trajectory(start: tuple[int, int], num_frames: int, cells: int, seed: int) -> np.ndarray:
-    """Cells of frames ``0 .. num_frames-1`` from ``start`` along the flow tour."""
+def flow_trajectory(start: tuple[int, int], num_frames: int, cells: int, seed: int, move: int = 1) -> np.ndarray:
+    """Cells of frames ``0 .. num_frames-1`` from ``start`` along the flow tour, ``move`` tour steps per frame."""
     tour = flow_cycle(cells, seed)
     first = tour.index(start)
-    return np.array([tour[(first + t) % len(tour)] for t in range(num_frames)], dtype=np.int64)
+    return np.array([tour[(first + move * t) % len(tour)] for t in range(num_frames)], dtype=np.int64)
+
+
+def move_name(move: int) -> str:
+    """The option text of a flow move: ``1 forward``, ``2 back``."""
+    return f"{abs(move)} {'forward' if move > 0 else 'back'}"
 
 
 def cell_name(col: int, row: int) -> str:
@@ -394,6 +414,8 @@ class GridWorld:
     start: tuple[int, int]
     velocity: tuple[int, int]
     horizon: int
+    move: int = 1
+    """Flow: tour steps per frame (``flow_moves``)."""
 
     @property
     def last_velocity(self) -> tuple[int, int]:
@@ -436,14 +458,17 @@ def _draw_world(rng: np.random.Generator, cfg: GridTaskConfig) -> GridWorld:
     velocity = (int(rng.choice((-1, 1))), int(rng.choice((-1, 1))))
     horizon = int(rng.integers(cfg.horizons[0], cfg.horizons[1] + 1))
     num_frames = cfg.clip_frames + cfg.thought_frames
+    move = 1
     if cfg.dynamics == "flow":
-        path = flow_trajectory(start, num_frames + 1, cfg.cells, cfg.flow_seed)
+        # drawn only when there is a choice, so a one-law set keeps its random stream (and its bytes)
+        move = int(rng.choice(cfg.flow_moves)) if len(cfg.flow_moves) > 1 else cfg.flow_moves[0]
+        path = flow_trajectory(start, num_frames + 1, cfg.cells, cfg.flow_seed, move)
         velocity = tuple(int(v) for v in path[1] - path[0])
     else:
         path = trajectory(start, velocity, num_frames + 1, cfg.cells)
     headings = np.array([heading_index(tuple(int(v) for v in step)) for step in np.diff(path, axis=0)])
     return GridWorld(clip_T2=path[:cfg.clip_frames], thought_T2=path[cfg.clip_frames:num_frames], headings_T=headings,
-                     start=start, velocity=velocity, horizon=horizon)
+                     start=start, velocity=velocity, horizon=horizon, move=move)
 
 
 def clip_states(world: GridWorld, cfg: GridTaskConfig) -> FrameStates:
@@ -518,9 +543,13 @@ def perception_questions(world: GridWorld, cfg: GridTaskConfig) -> list[GridQues
     if cfg.dynamics == "bounce" and cfg.heading_cue:  # what the last frame shows: the next move's heading
         questions.append(_question("direction", "In which direction is the ball heading at the end of the video?",
                                    DIRECTIONS, int(world.headings_T[cfg.clip_frames - 1])))
-    elif cfg.dynamics == "bounce":  # (flow: the cell is the whole state, there is no direction to learn)
+    elif cfg.dynamics == "bounce":
         questions.append(_question("direction", "In which direction is the ball moving at the end of the video?",
                                    DIRECTIONS, DIRECTIONS.index(direction_name(world.last_velocity))))
+    elif len(cfg.flow_moves) > 1:  # (one flow law: the cell is the whole state, there is no move to learn)
+        questions.append(_question("move", "How many steps along its track does the ball move per frame, and which "
+                                   "way?", tuple(move_name(m) for m in cfg.flow_moves),
+                                   cfg.flow_moves.index(world.move)))
     if cfg.horizon_cue == "timer":
         low, high = cfg.horizons
         questions.append(_question("timer", "How many frames are left on the timer at the end of the video?",
@@ -535,7 +564,7 @@ def baseline_answers(world: GridWorld, cfg: GridTaskConfig) -> dict[str, int]:
     label) and is not listed; ``majority`` and the (last cell, D) lookup are fitted on train by the report."""
     col, row = world.clip_T2[-1]
     answers = {"copy_last": cell_index(int(col), int(row), cfg.cells)}
-    period = cfg.period
+    period = cfg.period(world.move)
     target_t = cfg.clip_frames - 1 + world.horizon
     same_phase = [t for t in range(cfg.clip_frames) if (target_t - t) % period == 0]
     copy_col, copy_row = world.clip_T2[same_phase[-1]] if same_phase else world.clip_T2[-1]
