@@ -163,19 +163,6 @@ def test_flow_moves_draw_a_law_per_video_and_stage0_asks_it(tmp_path) -> None:
             GridTaskConfig(dynamics="flow", flow_moves=bad)
     with pytest.raises(ValueError, match="needs dynamics: flow"):
         GridTaskConfig(flow_moves=[1, -1])
-    cue = GridTaskConfig(dynamics="flow", flow_moves=[1, -1, 2], move_cue=True, thought_cues=True, timer_panel="ball")
-    for move, blue in ((1, 40), (-1, 140), (2, 240)):  # the floor (a corner the 7-px ball never covers) shows it
-        world = grid.sample_world(np.random.default_rng(0), cue)
-        world = grid.GridWorld(**{**world.__dict__, "move": move})
-        clip = grid.clip_states(world, cue).render(cue)
-        thought = grid.thought_states(world, "future_cell", cue).render(cue, thought=True)
-        corner = [(t, 0, 0) if tuple(world.clip_T2[t]) != (0, 0) else (t, 0, 27) for t in range(4)]
-        assert all(clip[t, y, x, 2] == blue for t, y, x in corner)
-        assert thought.shape[2] == 56 and (thought[:, :, :28, 2] >= blue).all()  # (the ball: 255)
-    for bad in ({"flow_moves": [1]}, {"flow_moves": [1, -1], "horizon_cue": "timer"},
-                {"flow_moves": [1, -1], "thought_cues": True}):
-        with pytest.raises(ValueError, match="grid.move_cue"):
-            GridTaskConfig(dynamics="flow", move_cue=True, **bad)
 
 
 def test_one_flow_law_draws_the_same_worlds_as_before() -> None:

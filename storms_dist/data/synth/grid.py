@@ -57,11 +57,6 @@ class GridTaskConfig:
     backwards). ``[1]`` (default): one law for every video, so ``(last cell, D)`` is the whole question. ``[1, -1]``
     or ``[1, -1, 2, -2]``: the move is part of the state (shown by the two frames of every merged token), so the
     ``(state, D)`` table is 2 or 4 times larger while the step law stays one rule; Stage 0 then also asks the move."""
-    move_cue: bool = False
-    """With several ``flow_moves``: the floor's blue level shows the move in every frame of the clip and the thought
-    video (levels spread over ``MOVE_BLUE``), so the whole state is content of every merged token. Without it the
-    move is only in the order of two cells inside a token, a function of the tour that Stage 0 did not learn in 300
-    steps (50 % on two moves, docs/results.md session 24)."""
     clip_frames: int = 4
     """Frames of the visible clip (even: whole temporal patches). Shorter than the motion's period (2 * (cells - 1)
     frames per axis), so copying a past frame cannot answer most horizons."""
@@ -146,11 +141,6 @@ class GridTaskConfig:
         if self.flow_moves != (1,) and self.dynamics != "flow":
             raise ValueError(f"grid.flow_moves: {list(self.flow_moves)} needs dynamics: flow (bounce moves one cell "
                              f"per frame per axis)")
-        if self.move_cue and len(self.flow_moves) < 2:
-            raise ValueError("grid.move_cue: needs several flow_moves (with one law there is no move to show)")
-        if self.move_cue and (self.horizon_cue == "timer" or self.thought_cues and self.timer_panel == "none"):
-            raise ValueError("grid.move_cue: the floor's blue level already shows the timer; use thought_cues with "
-                             "timer_panel: ball or blue, and horizon_cue: question")
         if self.dynamics == "flow" and self.heading_cue:
             raise ValueError("grid.heading_cue: the flow dynamics has no heading to show (the cell is the whole "
                              "state); set it false or use dynamics: bounce")
@@ -341,13 +331,6 @@ def cell_code(col: int, row: int, cells: int) -> tuple[int, int]:
 
 
 HEADING_BLUE = (255, 235, 215, 195)  # the ball's blue level per DIRECTIONS entry (heading_cue)
-MOVE_BLUE = (40, 240)  # the floor's blue level for the first and the last of flow_moves (move_cue)
-
-
-def move_blue(index: int, num_moves: int) -> int:
-    """The floor's blue level for ``flow_moves[index]``: evenly spaced over ``MOVE_BLUE``."""
-    low, high = MOVE_BLUE
-    return low + round((high - low) * index / max(num_moves - 1, 1))
 
 
 def ball_colour(col: int, row: int, cells: int, heading: int | None = None) -> tuple[int, int, int]:
@@ -392,8 +375,6 @@ class FrameStates:
     cells_T2: np.ndarray
     headings_T: np.ndarray
     timers_T: np.ndarray
-    move: int = 1
-    """Flow: the video's tour steps per frame (shown by ``move_cue``)."""
 
     def render(self, cfg: "GridTaskConfig", *, thought: bool = False) -> np.ndarray:
         """The frames, with the cues ``cfg`` shows in this video (``thought_cues``: in the thought video too)."""
@@ -401,13 +382,9 @@ class FrameStates:
         timer = cfg.horizon_cue == "timer" or thought and cfg.thought_cues
         headings_T = self.headings_T if heading else None
         blue_T = np.array([timer_blue(int(c), cfg.max_timer, cfg.timer_blue) for c in self.timers_T])
-        # (move_cue's validation keeps the timer off the floor, so the two never share its blue)
-        move_T = (np.full(len(self.cells_T2), move_blue(cfg.flow_moves.index(self.move), len(cfg.flow_moves)))
-                  if cfg.move_cue else None)
         if not (thought and cfg.timer_panel != "none"):
-            return render(self.cells_T2, cfg.cells, headings_T=headings_T,
-                          floor_blue_T=blue_T if timer else move_T)
-        scene = render(self.cells_T2, cfg.cells, headings_T=headings_T, floor_blue_T=move_T)
+            return render(self.cells_T2, cfg.cells, headings_T=headings_T, floor_blue_T=blue_T if timer else None)
+        scene = render(self.cells_T2, cfg.cells, headings_T=headings_T)
         if cfg.timer_panel == "ball":
             panel = render(np.stack([self.timers_T % cfg.cells, self.timers_T // cfg.cells], axis=1), cfg.cells)
         else:
@@ -497,7 +474,7 @@ def _draw_world(rng: np.random.Generator, cfg: GridTaskConfig) -> GridWorld:
 def clip_states(world: GridWorld, cfg: GridTaskConfig) -> FrameStates:
     """The visible clip: the timer counts down to D at the clip's last frame."""
     timers = world.horizon + np.arange(cfg.clip_frames)[::-1]
-    return FrameStates(world.clip_T2, world.headings_T[:cfg.clip_frames], timers, world.move)
+    return FrameStates(world.clip_T2, world.headings_T[:cfg.clip_frames], timers)
 
 
 def thought_states(world: GridWorld, qtype: str, cfg: GridTaskConfig) -> FrameStates:
@@ -506,7 +483,7 @@ def thought_states(world: GridWorld, qtype: str, cfg: GridTaskConfig) -> FrameSt
     headings = world.headings_T[cfg.clip_frames:]
     timers = np.maximum(world.horizon - 1 - np.arange(cfg.thought_frames), 0)
     if cfg.thought == "continuation":
-        return FrameStates(world.thought_T2, headings, timers, world.move)
+        return FrameStates(world.thought_T2, headings, timers)
     asked = world.horizon if qtype == "future_cell" else 0
     held = len(world.thought_T2) - asked
     if asked:
@@ -514,7 +491,7 @@ def thought_states(world: GridWorld, qtype: str, cfg: GridTaskConfig) -> FrameSt
     else:
         cell, heading, timers = world.clip_T2[-1], world.headings_T[cfg.clip_frames - 1], np.zeros_like(timers)
     return FrameStates(np.concatenate([world.thought_T2[:asked], np.repeat(cell[None], held, axis=0)]),
-                       np.concatenate([headings[:asked], np.full(held, heading)]), timers, world.move)
+                       np.concatenate([headings[:asked], np.full(held, heading)]), timers)
 
 
 def cell_options(cells: int) -> tuple[str, ...]:
