@@ -138,6 +138,8 @@ def test_flow_dynamics_answers_follow_the_tour_and_the_cell_is_the_state(tmp_pat
     assert task.period() == 16 and GridTaskConfig(dynamics="flow", flow_moves=[2, -1]).period(2) == 8
     with pytest.raises(ValueError, match="grid.dynamics"):
         GridTaskConfig(dynamics="orbit")
+    with pytest.raises(ValueError, match="grid.heading_cue"):
+        GridTaskConfig(dynamics="flow", heading_cue=True)
 
 
 def test_flow_moves_draw_a_law_per_video_and_stage0_asks_it(tmp_path) -> None:
@@ -177,8 +179,6 @@ def test_one_flow_law_draws_the_same_worlds_as_before() -> None:
         assert world.start == start and world.move == 1
         assert world.horizon == int(rng.integers(1, 17))
         assert tuple(world.clip_T2[1]) == tour[(tour.index(start) + 1) % 16]
-    with pytest.raises(ValueError, match="grid.heading_cue"):
-        GridTaskConfig(dynamics="flow", heading_cue=True)
 
 
 def test_holdout_keeps_held_out_pairs_out_of_train_and_asks_only_them_outside(tmp_path) -> None:
