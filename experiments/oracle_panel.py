@@ -58,6 +58,9 @@ def main() -> None:
     p.add_argument("--export", action="append", default=[], help="NAME=PATH: another export of this seed (a Stage II "
                    "variant's) to score beside the pipeline's")
     args = p.parse_args()
+    bad = [e for e in args.export if not all(e.partition("=")[::2])]
+    if bad:
+        p.error(f"--export {bad[0]!r}: expected NAME=PATH (a name, '=', an export folder)")
     extra = dict(e.partition("=")[::2] for e in args.export)
     torch.set_num_threads(1)
     run_dir = Path(args.run_dir)

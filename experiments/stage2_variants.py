@@ -48,9 +48,11 @@ def main() -> None:
     start_export = seed_dir / args.start
     if not start_export.is_dir():
         raise SystemExit(f"{start_export}: no such export (run `storms demo` with this run name first)")
-    # each start gets its own folder: the target cache below is restamped for the start's tower
+    # each start gets its own folder (named by its whole path, so two starts never share one): the target cache
+    # below is restamped for the start's tower
+    start_name = args.start.strip("/").removesuffix("/export").replace("/", "_")
     out_root = run_dir / "stage2_variants" / (f"seed{args.seed}" if args.start == DEFAULT_START else
-                                               f"seed{args.seed}_from_{args.start.split('/')[0]}")
+                                               f"seed{args.seed}_from_{start_name}")
     variants = dict(parse_variant(v) for v in args.variant)
     cfgs = {name: with_seed(load_config(RunConfig, run_dir / "config.yaml", [*args.set, *overrides]), args.seed)
             for name, overrides in variants.items()}

@@ -175,7 +175,7 @@ def test_one_flow_law_draws_the_same_worlds_as_before() -> None:
     for i, world in enumerate(worlds):
         rng = np.random.default_rng(i)
         start = (int(rng.integers(4)), int(rng.integers(4)))
-        rng.choice((-1, 1)), rng.choice((-1, 1))
+        rng.choice((-1, 1)), rng.choice((-1, 1))  # the bounce velocity: drawn for every world, used by bounce only
         assert world.start == start and world.move == 1
         assert world.horizon == int(rng.integers(1, 17))
         assert tuple(world.clip_T2[1]) == tour[(tour.index(start) + 1) % 16]
