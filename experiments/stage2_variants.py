@@ -5,12 +5,16 @@ thread, two at a time) and evaluated on the run's eval split beside the Stage I 
     python experiments/stage2_variants.py runs/NAME --seed 0 \
         --variant answer_only: --variant anchor_lam1:stage2.align=true [--set eval.split=val] \
         [--start stage1_only/stage1_continued/export]
+
+`--start` is relative to the seed folder; a variant's own export chains (docs/results.md, session 25):
+`--start ../stage2_variants/seed0_from_stage1_only_stage1_continued/s1cont600/export`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,9 +52,11 @@ def main() -> None:
     start_export = seed_dir / args.start
     if not start_export.is_dir():
         raise SystemExit(f"{start_export}: no such export (run `storms demo` with this run name first)")
-    # each start gets its own folder (named by its whole path, so two starts never share one): the target cache
-    # below is restamped for the start's tower
-    start_name = args.start.strip("/").removesuffix("/export").replace("/", "_")
+    # each start gets its own folder (named by its whole path inside the run folder, so two starts never share one
+    # and a chained start such as ../stage2_variants/.../export gets no '..' in its name): the target cache below is
+    # restamped for the start's tower
+    start_path = os.path.relpath(start_export.resolve(), run_dir.resolve())
+    start_name = start_path.removeprefix(f"seed{args.seed}/").removesuffix("/export").replace("/", "_")
     out_root = run_dir / "stage2_variants" / (f"seed{args.seed}" if args.start == DEFAULT_START else
                                                f"seed{args.seed}_from_{start_name}")
     variants = dict(parse_variant(v) for v in args.variant)
