@@ -52,10 +52,12 @@ def main() -> None:
     start_export = seed_dir / args.start
     if not start_export.is_dir():
         raise SystemExit(f"{start_export}: no such export (run `storms demo` with this run name first)")
-    # each start gets its own folder (named by its whole path inside the run folder, so two starts never share one
+    # each start gets its own folder, named by its whole path inside the run folder (so two starts never share one,
     # and a chained start such as ../stage2_variants/.../export gets no '..' in its name): the target cache below is
     # restamped for the start's tower
     start_path = os.path.relpath(start_export.resolve(), run_dir.resolve())
+    if start_path.startswith(".."):  # a start outside the run folder: named by its absolute path
+        start_path = start_export.resolve().as_posix().lstrip("/")
     start_name = start_path.removeprefix(f"seed{args.seed}/").removesuffix("/export").replace("/", "_")
     out_root = run_dir / "stage2_variants" / (f"seed{args.seed}" if args.start == DEFAULT_START else
                                                f"seed{args.seed}_from_{start_name}")
