@@ -23,7 +23,7 @@ from storms_dist.config import load_config
 from storms_dist.data.dataset import LatentCollator, VideoQADataset
 from storms_dist.data.manifest import read_manifest
 from storms_dist.data.preprocess import VisionSpec
-from storms_dist.model.build import latent_token_ids, load_exported
+from storms_dist.model.build import apply_freezing, latent_token_ids, load_exported
 from storms_dist.pipeline import with_seed
 from storms_dist.run_config import RunConfig
 from storms_dist.targets import TargetStore
@@ -32,11 +32,9 @@ BATCH = 32
 NOISE_SEED = 1234  # the joint objective's teacher noise, drawn identically for each lambda
 
 
-def flat_grad(model, params, dataset, collate, *, store=None, align_weight=None, **forward) -> torch.Tensor:
+def flat_grad(model, params, dataset, collate, *, store=None, **forward) -> torch.Tensor:
     """Mean-over-items gradient of one objective, flattened over ``params``."""
     model.zero_grad(set_to_none=True)
-    if align_weight is not None:
-        model.align_weight = align_weight
     for start in range(0, len(dataset), BATCH):
         items = [dataset[i] for i in range(start, min(start + BATCH, len(dataset)))]
         batch, layout = collate(items)
@@ -62,10 +60,8 @@ def main() -> None:
     cfg = with_seed(load_config(RunConfig, run_dir / "config.yaml", args.set), args.seed)
     model, tokenizer, settings = load_exported(seed_dir / args.export)
     model.train()
-    align_weight = model.align_weight
-    vocab = model.backbone.lm_head.weight.shape[0]
-    # the frozen tied embedding / head (every stage keeps it frozen) is left out
-    params = [q for q in model.parameters() if q.requires_grad and q.shape[0] != vocab]
+    apply_freezing(model, cfg.stage1.trainable)  # the weights Stage I and Stage II train (the same module groups)
+    params = [q for q in model.parameters() if q.requires_grad]
     spec = VisionSpec.from_hf_config(model.backbone.config)
     collate = LatentCollator(latent_token_ids(tokenizer), tokenizer.pad_token_id, settings["num_latents"])
 
@@ -79,20 +75,21 @@ def main() -> None:
     store = TargetStore(seed_dir / "targets", normalize=cfg.targets.normalize)
     stage1 = dict(mode="joint", teacher_noise=cfg.stage1.teacher_noise, rollout_weight=cfg.stage1.rollout_weight)
 
-    g_val = flat_grad(model, params, held, collate, mode="rollout")
     halves = [torch.utils.data.Subset(held, range(i, len(held), 2)) for i in (0, 1)]
     g_a, g_b = (flat_grad(model, params, h, collate, mode="rollout") for h in halves)
+    g_val = (g_a * len(halves[0]) + g_b * len(halves[1])) / len(held)  # the whole split's mean gradient
+    stage1_objective = flat_grad(model, params, train, collate, store=store, **stage1)
+    align_weight, model.align_weight = model.align_weight, 0.0
+    stage1_answer = flat_grad(model, params, train, collate, store=store, **stage1)  # same noise, lambda = 0
+    model.align_weight = align_weight
     grads = {
         "Stage II, answer-only (the paper's)": flat_grad(model, params, train, collate, mode="rollout"),
         "Stage II, anchored (STORMS's default)": flat_grad(model, params, train, collate, store=store,
                                                           mode="rollout"),
-        "Stage I objective (joint; Stage I only's next steps)": flat_grad(model, params, train, collate, store=store,
-                                                                          align_weight=align_weight, **stage1),
+        "Stage I objective (joint; Stage I only's next steps)": stage1_objective,
+        "... its answer CE alone (lambda = 0)": stage1_answer,
+        "... its alignment alone": stage1_objective - stage1_answer,
     }
-    answer_only_stage1 = flat_grad(model, params, train, collate, store=store, align_weight=0.0, **stage1)
-    model.align_weight = align_weight
-    grads["... its answer CE alone (lambda = 0)"] = answer_only_stage1
-    grads["... its alignment alone"] = grads["Stage I objective (joint; Stage I only's next steps)"] - answer_only_stage1
 
     cos = torch.nn.functional.cosine_similarity
     print(f"export {seed_dir / args.export}; g_val: rollout answer CE on {len(held)} {cfg.eval.split} future_cell "
